@@ -1,0 +1,29 @@
+# The README's two set-up commands: `make demo` and `make test`.
+# TORCH_SPEC picks the torch build; the default is the CPU build on this machine's disk.
+# CUDA users: `make demo TORCH_SPEC=torch` (PyPI's Linux wheel is a CUDA build).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: venv
+	$(VENV)/bin/hpn-tune run --space search_spaces/default.yaml --trials 12 --max-concurrent 2 \
+		--name demo --set train.epochs=15
+
+test: venv
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .hpn_cache mlflow.db mlartifacts outputs

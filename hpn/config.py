@@ -1,0 +1,247 @@
+"""One run's configuration: dataclasses with commented defaults, dotted keys, validation.
+
+A YAML file gives the defaults a user wants, `--set key=value` goes on top, and the
+resolved config is saved beside results. Every check names the dotted key, so a user can
+fix it from the one-line error alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from hpn.errors import ConfigError
+
+DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | file | personahub
+    path: str | None = None  # local JSONL / CSV / Parquet for source=file (or a PersonaHub copy)
+    text_column: str = "text"  # PersonaHub's persona subset calls it "persona"
+    label_column: str = "label"
+    labels: str = "column"  # column | keywords | elite_domain (how labels are derived)
+    size: int = 3000  # synthetic corpus size, or a cap on rows read (0 = all)
+    seed: int = 0  # corpus generation and split seed
+    noise: float = 0.05  # synthetic label noise: fraction of labels flipped
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+
+
+@dataclass
+class EncoderConfig:
+    name: str = DEFAULT_ENCODER  # any HF id or local path; the default is bundled offline
+    max_length: int = 128
+    pooling: str = "mean"  # mean | cls
+    trainable_layers: int = 0  # > 0 fine-tunes the top k layers (no embedding cache)
+    batch_size: int = 128  # encoding batch size
+    cache_dir: str = ".hpn_cache"
+
+
+@dataclass
+class ModelConfig:
+    prototype_dim: int = 64
+    prototypes_per_class: int = 1
+    prototype_mode: str = "fixed"  # fixed (the paper) | learned (the seed project)
+    loss: str = "auto"  # auto | squared_cosine | cross_entropy
+    temperature: float = 0.1  # cosine scale for cross-entropy
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 0.05
+    optimizer: str = "sgd"  # sgd | adam
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    separation_weight: float = 0.1  # learned prototypes only
+    amp: bool = True  # fp16 + GradScaler on CUDA, bf16 autocast on CPU
+    seed: int = 0
+    class_weights: bool = True  # inverse-frequency weights against class imbalance
+    device: str = "auto"  # auto | cpu | cuda
+    max_steps: int = 0  # > 0 caps optimiser steps per epoch (smoke tests, fine-tuning)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_flat(self) -> dict[str, Any]:
+        """Dotted keys -> values: what MLflow logs as params and Tune searches over."""
+        return {
+            f"{section.name}.{f.name}": getattr(getattr(self, section.name), f.name)
+            for section in dataclasses.fields(self)
+            for f in dataclasses.fields(getattr(self, section.name))
+        }
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def with_updates(self, updates: dict[str, Any]) -> Config:
+        """A copy with dotted-key updates applied (values coerced to the field's type)."""
+        cfg = from_dict(self.to_dict())
+        for key, value in updates.items():
+            _set(cfg, key, value)
+        validate(cfg)
+        return cfg
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.source": ("synthetic", "file", "personahub"),
+    "data.labels": ("column", "keywords", "elite_domain"),
+    "encoder.pooling": ("mean", "cls"),
+    "model.prototype_mode": ("fixed", "learned"),
+    "model.loss": ("auto", "squared_cosine", "cross_entropy"),
+    "train.optimizer": ("sgd", "adam"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+
+#: (key, lowest allowed, strictly greater?) for numeric bounds.
+BOUNDS: tuple[tuple[str, float, bool], ...] = (
+    ("data.size", 0, False),
+    ("data.noise", 0, False),
+    ("data.val_fraction", 0, True),
+    ("data.test_fraction", 0, True),
+    ("encoder.max_length", 8, False),
+    ("encoder.trainable_layers", 0, False),
+    ("encoder.batch_size", 1, False),
+    ("model.prototype_dim", 2, False),
+    ("model.prototypes_per_class", 1, False),
+    ("model.temperature", 0, True),
+    ("train.epochs", 1, False),
+    ("train.batch_size", 1, False),
+    ("train.lr", 0, True),
+    ("train.momentum", 0, False),
+    ("train.weight_decay", 0, False),
+    ("train.separation_weight", 0, False),
+    ("train.max_steps", 0, False),
+)
+
+
+def known_keys() -> list[str]:
+    return sorted(Config().to_flat())
+
+
+def _field_type(section: Any, name: str) -> type:
+    default = getattr(section, name)
+    return type(default) if default is not None else str
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    if value is None:
+        return None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(as_float)
+    if kind is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    return str(value)
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    section_name, _, name = key.partition(".")
+    section = getattr(cfg, section_name, None) if name else None
+    if section is None or not dataclasses.is_dataclass(section) or not hasattr(section, name):
+        raise ConfigError(
+            f"unknown config key {key!r}; known keys: {', '.join(known_keys())}"
+        )
+    setattr(section, name, _coerce(key, value, _field_type(type(section)(), name)))
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    """Build a Config from nested sections ({'train': {'lr': 0.1}}) or dotted keys."""
+    cfg = Config()
+    for key, value in _flatten(tree):
+        _set(cfg, key, value)
+    return cfg
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and "." not in str(key) and not prefix:
+            yield from _flatten(value, f"{dotted}.")
+        else:
+            yield dotted, value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=0.1` -> ('train.lr', 0.1); the value is read as YAML so 1e-3 is a float."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.lr=0.01")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Defaults, then the YAML file, then `--set` overrides; validated."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found; pass an existing YAML file")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            where = f" (line {line + 1})" if line is not None else ""
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections/keys")
+    cfg = from_dict(tree)
+    for item in overrides:
+        _set(cfg, *parse_override(item))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError naming the first bad key and what would be accepted."""
+    flat = cfg.to_flat()
+    for key, choices in CHOICES.items():
+        if flat[key] not in choices:
+            raise ConfigError(f"{key}: unknown value {flat[key]!r}; choose one of {', '.join(choices)}")
+    for key, low, strict in BOUNDS:
+        value = flat[key]
+        if (value <= low) if strict else (value < low):
+            op = ">" if strict else ">="
+            raise ConfigError(f"{key}: must be {op} {low:g}, got {value!r}")
+    if flat["data.val_fraction"] + flat["data.test_fraction"] >= 0.9:
+        raise ConfigError("data.val_fraction + data.test_fraction: must be < 0.9 to leave a training split")
+    if flat["data.noise"] >= 1:
+        raise ConfigError(f"data.noise: must be < 1, got {flat['data.noise']!r}")
+    if flat["data.source"] == "file" and not flat["data.path"]:
+        raise ConfigError("data.path: required when data.source=file; set it to a JSONL, CSV or Parquet file")
+    if flat["data.source"] == "synthetic" and flat["data.size"] < 100:
+        raise ConfigError(f"data.size: the synthetic corpus needs >= 100 texts, got {flat['data.size']}")

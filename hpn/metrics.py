@@ -1,0 +1,40 @@
+"""Metric names: the MLflow keys, defined once and imported by trainer, Tune and registry.
+
+Renaming one breaks every stored study's comparison, so keep them stable.
+"""
+from __future__ import annotations
+
+VAL_ACCURACY = "val_accuracy"
+VAL_LOSS = "val_loss"
+TRAIN_LOSS = "train_loss"
+TEST_ACCURACY = "test_accuracy"
+TEST_MACRO_F1 = "test_macro_f1"
+SEPARATION_MIN_ANGLE_DEG = "separation_min_angle_deg"
+SEPARATION_MAX_COSINE = "separation_max_cosine"
+RUNTIME_S = "runtime_s"
+TRAIN_SAMPLES_PER_S = "train_samples_per_s"
+PEAK_VRAM_MB = "peak_vram_mb"
+PEAK_RSS_MB = "peak_rss_mb"
+MAJORITY_BASELINE_ACCURACY = "majority_baseline_accuracy"
+EPOCH = "epoch"
+
+#: Metrics reported after every epoch (step = epoch in MLflow).
+EPOCH_METRICS = (
+    TRAIN_LOSS,
+    VAL_LOSS,
+    VAL_ACCURACY,
+    SEPARATION_MIN_ANGLE_DEG,
+    SEPARATION_MAX_COSINE,
+)
+
+#: Metrics known once a training run has finished.
+FINAL_METRICS = (
+    VAL_ACCURACY,
+    TEST_ACCURACY,
+    TEST_MACRO_F1,
+    SEPARATION_MIN_ANGLE_DEG,
+    SEPARATION_MAX_COSINE,
+    RUNTIME_S,
+    TRAIN_SAMPLES_PER_S,
+    MAJORITY_BASELINE_ACCURACY,
+)
