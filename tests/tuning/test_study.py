@@ -1,0 +1,134 @@
+"""Studies end to end: real Ray runtime, real Optuna sampler, real MLflow server."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from hpn import metrics as M
+from tuning.study import StudyOptions, run_study, trials_frame
+from tuning.tracking import STATE_TAG, TRIAL_ID_TAG, trial_runs
+
+pytestmark = pytest.mark.usefixtures("ray_runtime")
+
+
+def options(tmp_path: Path, cache_dir: str, tracking_uri: str, name: str, **kw) -> StudyOptions:
+    overrides = ["data.size=600", f"encoder.cache_dir={cache_dir}"] + kw.pop("overrides", [])
+    return StudyOptions(
+        space=kw.pop("space", "quick"), trials=kw.pop("trials", 4), overrides=overrides,
+        name=name, tracking_uri=tracking_uri, storage_path=str(tmp_path / "ray"),
+        max_concurrent=kw.pop("max_concurrent", 2), **kw,
+    )
+
+
+def test_a_small_study_logs_one_child_run_per_trial_with_params_and_metrics(
+        tmp_path, cache_dir, mlflow_server):
+    summary = run_study(options(tmp_path, cache_dir, mlflow_server, "small", scheduler="fifo"))
+    client = MlflowClient(mlflow_server)
+    runs = trial_runs(client, client.get_experiment_by_name("hpn-tune").experiment_id,
+                      summary["parent_run_id"])
+    assert len(runs) == 4 == summary["trials_completed"]
+    for run in runs:
+        assert {"model.prototype_dim", "model.prototype_mode", "train.lr"} <= set(run.data.params)
+        assert {M.TEST_ACCURACY, M.TEST_MACRO_F1, M.RUNTIME_S, M.SEPARATION_MIN_ANGLE_DEG,
+                M.SEPARATION_MAX_COSINE, M.PEAK_RSS_MB} <= set(run.data.metrics)
+        history = client.get_metric_history(run.info.run_id, M.VAL_ACCURACY)
+        assert sorted(m.step for m in history) == [1, 2, 3]
+        assert run.data.tags[STATE_TAG] == "completed"
+        assert "model/MLmodel" in {f.path for f in client.list_artifacts(run.info.run_id, "model")}
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.data.tags["hpn.sampler"] == "tpe"
+    assert len(parent.data.tags["hpn.dataset_fingerprint"]) == 64
+    report = {f.path for f in client.list_artifacts(summary["parent_run_id"], "report")}
+    assert {"report/trials.csv", "report/optimization_history.png"} <= report
+    assert summary["best_val_accuracy"] == max(r.data.metrics[M.VAL_ACCURACY] for r in runs)
+    assert set(summary["best_config"]) == {"model.prototype_dim", "model.prototype_mode", "train.lr"}
+
+
+def test_a_failing_trial_ends_as_an_error_and_the_study_goes_on(tmp_path, cache_dir):
+    space = tmp_path / "failing.yaml"
+    # 99 fine-tuned layers do not exist in MiniLM: those trials fail inside the trial.
+    space.write_text("encoder.trainable_layers: {type: categorical, choices: [0, 99]}\n"
+                     "train.epochs: 2\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    summary = run_study(options(tmp_path, cache_dir, uri, "failing", space=str(space),
+                                trials=4, sampler="grid", register=False))
+    assert summary["trials_completed"] == 1 and summary["trials_errored"] == 1
+    client = MlflowClient(uri)
+    frame = trials_frame(client, client.get_experiment_by_name("hpn-tune").experiment_id,
+                         summary["parent_run_id"])
+    failed = frame[frame["state"] == "error"]
+    assert len(failed) == 1
+    run = client.get_run(failed.iloc[0]["run_id"])
+    assert "trainable_layers" in run.data.tags["hpn.error"]
+    assert run.info.status == "FAILED"
+
+
+def test_four_quarter_gpu_trials_run_at_once_on_one_declared_gpu(tmp_path, cache_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    summary = run_study(options(
+        tmp_path, cache_dir, uri, "packed", trials=8, max_concurrent=8, scheduler="fifo",
+        sampler="random", register=False, overrides=["train.epochs=200"], space=str(_fixed_space(tmp_path)),
+    ))
+    client = MlflowClient(uri)
+    runs = trial_runs(client, client.get_experiment_by_name("hpn-tune").experiment_id,
+                      summary["parent_run_id"])
+    assert len(runs) == 8
+    assert {r.data.params.get("train.device") for r in runs} == {"cpu"}  # fell back to CPU
+    spans = [(r.info.start_time, r.info.end_time) for r in runs]
+    most = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
+    assert most == 4  # 1 GPU / 0.25 per trial, though 4 CPUs and max_concurrent 8 allow more
+
+
+def _fixed_space(tmp_path: Path) -> Path:
+    path = tmp_path / "lr.yaml"
+    path.write_text("train.lr: {type: float, low: 0.01, high: 0.1, log: true}\n")
+    return path
+
+
+def test_a_killed_study_resumes_without_running_or_logging_a_trial_twice(
+        tmp_path, cache_dir, mlflow_server, ray_runtime):
+    argv = [sys.executable, "-m", "tuning.cli", "run", "--space", "quick", "--trials", "6",
+            "--max-concurrent", "1", "--name", "killed", "--tracking-uri", mlflow_server,
+            "--experiment", "resume-test", "--storage-path", str(tmp_path / "ray"),
+            "--address", ray_runtime, "--scheduler", "fifo", "--no-register",
+            "--set", "data.size=600", "--set", f"encoder.cache_dir={cache_dir}",
+            "--set", "train.epochs=20"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    client = MlflowClient(mlflow_server)
+    deadline = time.time() + 240
+    finished: dict[str, int] = {}
+    while time.time() < deadline and len(finished) < 2:
+        time.sleep(1)
+        exp = client.get_experiment_by_name("resume-test")
+        if exp is None:
+            continue
+        runs = client.search_runs([exp.experiment_id], f"tags.`{STATE_TAG}` = 'completed'")
+        finished = {r.data.tags[TRIAL_ID_TAG]: r.info.end_time for r in runs}
+    assert len(finished) >= 2, "the study did not get going"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    summary = run_study(StudyOptions(
+        space="quick", trials=6, name="killed", tracking_uri=mlflow_server,
+        experiment="resume-test", storage_path=str(tmp_path / "ray"), resume=True,
+        scheduler="fifo", register=False, max_concurrent=1,
+        overrides=["data.size=600", f"encoder.cache_dir={cache_dir}", "train.epochs=20"],
+    ))
+    exp_id = client.get_experiment_by_name("resume-test").experiment_id
+    runs = trial_runs(client, exp_id, summary["parent_run_id"])
+    trial_ids = [r.data.tags[TRIAL_ID_TAG] for r in runs]
+    assert len(trial_ids) == len(set(trial_ids)) == 6
+    assert summary["trials_completed"] == 6
+    by_id = {r.data.tags[TRIAL_ID_TAG]: r for r in runs}
+    for trial_id, end_time in finished.items():  # finished before the kill: not run again
+        assert by_id[trial_id].info.end_time == end_time
+    studies = client.search_runs([exp_id], "tags.`hpn.role` = 'study'")
+    assert len(studies) == 1

@@ -1,0 +1,198 @@
+"""Every Ray call of hpn-tune lives here: Ray's API names moved between versions.
+
+Tested with ray 2.60 (constraints.txt). A trial is a function trainable that trains one
+HPN with `hpn.train.train` and reports each epoch through `tune.report`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from hpn import metrics as M
+from hpn.config import from_dict
+from hpn.errors import HPNInputError
+from hpn.train import NonFiniteLossError, PreparedData, train
+from tuning.tracking import STATE_TAG, TrialRun
+
+DONE_KEY = "hpn_finished"  # set only on the last report of a trial that trained to the end
+NUM_CLASSES_KEY = "num_classes"
+
+
+@dataclass(frozen=True)
+class StudyContext:
+    """What every trial needs besides its data: where to log and the base config."""
+
+    study: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    base_config: dict[str, Any]
+    gpu_fraction: float
+
+
+def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: float | None = None) -> None:
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                              "configure_logging": False}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+
+
+def cluster_gpus() -> float:
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def is_multi_node() -> bool:
+    return len([n for n in ray.nodes() if n.get("Alive")]) > 1
+
+
+def _cap_cuda_memory(fraction: float) -> str:
+    """Hold a trial to its share of the card so one trial cannot starve the others."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    if 0 < fraction < 1:
+        torch.cuda.set_per_process_memory_fraction(fraction)
+    return "cuda"
+
+
+def trial_fn(config: dict[str, Any], data: PreparedData, ctx: StudyContext) -> None:
+    import torch
+
+    cfg = from_dict(ctx.base_config).with_updates(config)
+    trial_id = tune.get_context().get_trial_id()
+    cfg.train.device = _cap_cuda_memory(ctx.gpu_fraction)
+    run = TrialRun(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, trial_id, ctx.study,
+                   {**cfg.to_flat(), "trial_id": trial_id})
+    started = time.time()
+    pending: list[dict[str, float]] = []
+
+    def on_epoch(epoch: int, row: dict[str, float]) -> None:
+        # Report one epoch late, so the last epoch's report carries the final test metrics
+        # and ASHA sees exactly `epochs` iterations.
+        run.log_metrics(row, step=epoch)
+        if pending:
+            tune.report(pending.pop())
+        pending.append(row)
+
+    try:
+        result = train(cfg, data, on_epoch)
+    except torch.OutOfMemoryError as exc:
+        run.end("error", f"CUDA out of memory: {exc}")
+        raise
+    except NonFiniteLossError as exc:
+        run.end("error", str(exc))
+        raise
+    except SystemExit:  # Ray stopped the trial at a report (ASHA)
+        run.end("pruned", "stopped early by the scheduler")
+        raise
+    except Exception as exc:
+        run.end("error", f"{type(exc).__name__}: {exc}")
+        raise
+    final = {**result.metrics, NUM_CLASSES_KEY: data.corpus.num_classes,
+             "trial_started_at": started, "trial_ended_at": time.time()}
+    run.log_metrics({k: v for k, v in result.metrics.items() if k not in M.EPOCH_METRICS},
+                    step=cfg.train.epochs)
+    from tuning.pyfunc import log_pyfunc
+
+    log_pyfunc(run.client, run.run_id, result.model)
+    run.end("completed")
+    tune.report({**final, DONE_KEY: True})
+
+
+class FinalizeTrialRuns(tune.Callback):
+    """Close child runs a trial could not close itself (pruned or killed trials)."""
+
+    def __init__(self, ctx: StudyContext) -> None:
+        self.ctx = ctx
+
+    def _close(self, trial: Any, state: str, reason: str | None = None) -> None:
+        from mlflow.tracking import MlflowClient
+
+        from tuning.tracking import PARENT_TAG, TRIAL_ID_TAG
+
+        client = MlflowClient(self.ctx.tracking_uri)
+        runs = client.search_runs(
+            [self.ctx.experiment_id],
+            f"tags.`{PARENT_TAG}` = '{self.ctx.parent_run_id}' AND tags.`{TRIAL_ID_TAG}` = '{trial.trial_id}'",
+            max_results=1,
+        )
+        if not runs or runs[0].data.tags.get(STATE_TAG):
+            return
+        client.set_tag(runs[0].info.run_id, STATE_TAG, state)
+        if reason:
+            client.set_tag(runs[0].info.run_id, "hpn.error", reason[:5000])
+        client.set_terminated(runs[0].info.run_id, status="KILLED" if state == "pruned" else "FAILED")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if not (trial.last_result or {}).get(DONE_KEY):
+            self._close(trial, "pruned", "stopped early by the scheduler")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._close(trial, "error", str(getattr(trial, "error_msg", "") or "trial raised"))
+
+
+@dataclass
+class TuneSettings:
+    trials: int
+    max_concurrent: int
+    cpus_per_trial: float
+    gpus_per_trial: float
+    scheduler: str  # asha | fifo
+    storage_path: str
+    metric: str | list[str]
+    mode: str | list[str]
+    epochs: int
+
+
+def run_tuner(define_by_run: Any, sampler: Any, data: PreparedData, ctx: StudyContext,
+              settings: TuneSettings, resume: bool) -> Any:
+    """Run (or resume) the study; returns Ray's ResultGrid."""
+    trainable = tune.with_parameters(trial_fn, data=data, ctx=ctx)  # data goes to the object store once
+    resources = {"cpu": settings.cpus_per_trial}
+    if settings.gpus_per_trial > 0:
+        resources["gpu"] = settings.gpus_per_trial
+    trainable = tune.with_resources(trainable, resources)
+    path = Path(settings.storage_path) / ctx.study if "://" not in settings.storage_path else None
+    if resume:
+        exp_path = str(path) if path else f"{settings.storage_path.rstrip('/')}/{ctx.study}"
+        if not tune.Tuner.can_restore(exp_path):
+            raise HPNInputError(f"--resume: no study named {ctx.study!r} under {settings.storage_path}; "
+                                "check --name and --storage-path")
+        return tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False, restart_errored=False).fit()
+    multi = isinstance(settings.metric, list)
+    searcher = OptunaSearch(
+        space=define_by_run, sampler=sampler,
+        metric=settings.metric if multi else None, mode=settings.mode if multi else None,
+    )
+    if settings.scheduler == "asha" and not multi:
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=settings.epochs,
+                                  grace_period=min(3, settings.epochs), reduction_factor=3)
+    else:
+        scheduler = FIFOScheduler()
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, scheduler=scheduler, num_samples=settings.trials,
+            max_concurrent_trials=settings.max_concurrent, reuse_actors=True,
+            metric=None if multi else settings.metric, mode=None if multi else settings.mode,
+        ),
+        run_config=tune.RunConfig(
+            name=ctx.study, storage_path=settings.storage_path,
+            failure_config=tune.FailureConfig(max_failures=0),
+            callbacks=[FinalizeTrialRuns(ctx)], verbose=0,
+        ),
+    )
+    return tuner.fit()

@@ -1,0 +1,142 @@
+"""The MLflow Model Registry: register a trial's model, promote behind a gate, roll back.
+
+Aliases, not the deprecated stages: `champion` is what `models:/<name>@champion` serves,
+`previous` keeps the champion before it reachable for rollback.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from hpn import metrics as M
+from hpn.errors import HPNInputError
+from tuning.pyfunc import MODEL_ARTIFACT
+from tuning.tracking import STUDY_TAG, TRIAL_ID_TAG
+
+CHAMPION, PREVIOUS = "champion", "previous"
+DEFAULT_MODEL_NAME = "hpn-persona"
+CARD_METRICS = (M.TEST_ACCURACY, M.TEST_MACRO_F1, M.VAL_ACCURACY, M.SEPARATION_MIN_ANGLE_DEG)
+
+
+class PromotionRefused(RuntimeError):
+    """The candidate does not beat the champion: nothing was changed."""
+
+
+def _model_card(run: Any, study: str | None) -> str:
+    params = run.data.params
+    lines = [
+        f"HPN persona classifier from study `{study}`, trial `{run.data.tags.get(TRIAL_ID_TAG)}`.",
+        f"Encoder: {params.get('encoder.name')} ({params.get('encoder.pooling')} pooling, "
+        f"{params.get('encoder.trainable_layers', '0')} fine-tuned layers); "
+        f"{params.get('model.prototype_mode')} prototypes, dimension {params.get('model.prototype_dim')}, "
+        f"{params.get('model.prototypes_per_class')} per class.",
+        "Metrics: " + ", ".join(f"{k} {run.data.metrics[k]:.4f}" for k in CARD_METRICS if k in run.data.metrics),
+        f"Data: {params.get('data.source')} (fingerprint {run.data.tags.get('hpn.dataset_fingerprint', '?')[:12]}).",
+        "Input: a column `text` of raw persona descriptions. Output: `label`, `score`, `score_<class>`.",
+    ]
+    return "\n".join(lines)
+
+
+def register_run(client: MlflowClient, run_id: str, model_name: str = DEFAULT_MODEL_NAME) -> str:
+    """Register the run's `model` artifact as a new version; returns the version number."""
+    run = client.get_run(run_id)
+    study = run.data.tags.get(STUDY_TAG)
+    try:
+        client.get_registered_model(model_name)
+    except MlflowException:
+        try:
+            client.create_registered_model(
+                model_name, description="Hyperspherical Prototype Networks classifying persona text.")
+        except MlflowException:
+            pass  # created concurrently by another study
+    parent = run.data.tags.get("mlflow.parentRunId")
+    fingerprint = client.get_run(parent).data.tags.get("hpn.dataset_fingerprint", "") if parent else ""
+    run.data.tags["hpn.dataset_fingerprint"] = fingerprint
+    tags = {
+        "study": study or "", "trial": run.data.tags.get(TRIAL_ID_TAG, ""),
+        "dataset_fingerprint": fingerprint,
+        "config": json.dumps(run.data.params, sort_keys=True)[:5000],
+    }
+    tags.update({f"metric.{k}": f"{v:.6f}" for k, v in run.data.metrics.items() if k in CARD_METRICS})
+    version = client.create_model_version(
+        model_name, source=f"{run.info.artifact_uri}/{MODEL_ARTIFACT}", run_id=run_id,
+        tags=tags, description=_model_card(run, study),
+    )
+    return str(version.version)
+
+
+def _version_metric(client: MlflowClient, version: Any, metric: str) -> float:
+    tag = version.tags.get(f"metric.{metric}")
+    if tag is not None:
+        return float(tag)
+    if version.run_id:
+        value = client.get_run(version.run_id).data.metrics.get(metric)
+        if value is not None:
+            return float(value)
+    raise HPNInputError(f"--metric: version {version.version} has no metric {metric!r}")
+
+
+def _alias(client: MlflowClient, name: str, alias: str) -> Any | None:
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _candidate(client: MlflowClient, name: str, study: str | None, run_id: str | None) -> Any:
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        versions = []
+    if not versions:
+        raise HPNInputError(f"--model-name: no registered model {name!r}; run a study first")
+    if run_id:
+        matches = [v for v in versions if v.run_id == run_id]
+        if not matches:
+            return client.get_model_version(name, register_run(client, run_id, name))
+    elif study:
+        matches = [v for v in versions if v.tags.get("study") == study]
+        if not matches:
+            raise HPNInputError(f"--study: no version of {name!r} comes from study {study!r}")
+    else:
+        matches = versions
+    return max(matches, key=lambda v: int(v.version))
+
+
+def promote(client: MlflowClient, model_name: str = DEFAULT_MODEL_NAME, study: str | None = None,
+            run_id: str | None = None, metric: str = M.TEST_ACCURACY, force: bool = False) -> dict[str, Any]:
+    """Move `champion` to the candidate if it beats the champion on `metric` (or `force`)."""
+    candidate = _candidate(client, model_name, study, run_id)
+    score = _version_metric(client, candidate, metric)
+    champion = _alias(client, model_name, CHAMPION)
+    result = {"model_name": model_name, "version": candidate.version, "metric": metric,
+              "candidate_value": score, "champion_version": None, "champion_value": None}
+    if champion is not None:
+        if champion.version == candidate.version:
+            return {**result, "promoted": False, "reason": f"version {candidate.version} is already champion"}
+        held = _version_metric(client, champion, metric)
+        result.update(champion_version=champion.version, champion_value=held)
+        if not force and not (math.isfinite(score) and score > held):
+            raise PromotionRefused(
+                f"version {candidate.version} has {metric} {score:.4f}, not above champion "
+                f"version {champion.version} at {held:.4f}; nothing changed (use --force to override)")
+        client.set_registered_model_alias(model_name, PREVIOUS, champion.version)
+    client.set_registered_model_alias(model_name, CHAMPION, candidate.version)
+    return {**result, "promoted": True}
+
+
+def rollback(client: MlflowClient, model_name: str = DEFAULT_MODEL_NAME) -> dict[str, Any]:
+    """Swap `champion` and `previous`, so a second rollback undoes the first."""
+    previous = _alias(client, model_name, PREVIOUS)
+    if previous is None:
+        raise HPNInputError(f"--model-name: {model_name!r} has no 'previous' version to roll back to")
+    champion = _alias(client, model_name, CHAMPION)
+    client.set_registered_model_alias(model_name, CHAMPION, previous.version)
+    if champion is not None:
+        client.set_registered_model_alias(model_name, PREVIOUS, champion.version)
+    return {"model_name": model_name, "champion": previous.version,
+            "previous": champion.version if champion is not None else None}

@@ -1,0 +1,212 @@
+"""One tuning study: data once in the driver, trials through Ray Tune, results in MLflow.
+
+`run_study(StudyOptions)` is what `hpn-tune run` calls and what the tests call directly.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from hpn import metrics as M
+from hpn.config import load_config
+from hpn.errors import HPNInputError
+from hpn.train import prepare_data
+
+DEFAULT_EXPERIMENT = "hpn-tune"
+SCHEDULERS = ("asha", "fifo")
+
+
+@dataclass
+class StudyOptions:
+    space: str | None = None
+    trials: int = 12
+    config: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    name: str | None = None
+    tracking_uri: str | None = None
+    experiment: str = DEFAULT_EXPERIMENT
+    gpus_per_trial: float | None = None  # None: 0.25 when the Ray cluster has a GPU, else 0
+    cpus_per_trial: float = 1.0
+    max_concurrent: int = 2
+    sampler: str = "tpe"
+    scheduler: str = "asha"
+    address: str | None = None
+    storage_path: str | None = None
+    resume: bool = False
+    seed: int = 0
+    register: bool = True
+    model_name: str = "hpn-persona"
+    progress: bool = False
+
+
+def _check(opts: StudyOptions) -> None:
+    from tuning.samplers import SAMPLERS
+
+    if opts.trials < 1:
+        raise HPNInputError(f"--trials: must be >= 1, got {opts.trials}")
+    if opts.max_concurrent < 1:
+        raise HPNInputError(f"--max-concurrent: must be >= 1, got {opts.max_concurrent}")
+    if opts.cpus_per_trial <= 0:
+        raise HPNInputError(f"--cpus-per-trial: must be > 0, got {opts.cpus_per_trial}")
+    if opts.gpus_per_trial is not None and not 0 <= opts.gpus_per_trial <= 8:
+        raise HPNInputError(f"--gpus-per-trial: must be between 0 and 8, got {opts.gpus_per_trial}")
+    if opts.sampler not in SAMPLERS:
+        raise HPNInputError(f"--sampler: unknown sampler {opts.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if opts.scheduler not in SCHEDULERS:
+        raise HPNInputError(f"--scheduler: unknown scheduler {opts.scheduler!r}; choose asha or fifo")
+    if opts.resume and not opts.name:
+        raise HPNInputError("--resume: needs --name of the study to resume")
+
+
+def trials_frame(client: Any, experiment_id: str, parent_run_id: str) -> pd.DataFrame:
+    """One row per trial child run: params.<key>, metrics, state, order."""
+    from tuning.tracking import STATE_TAG, TRIAL_ID_TAG, trial_runs
+
+    rows = []
+    for run in trial_runs(client, experiment_id, parent_run_id):
+        row: dict[str, Any] = {
+            "trial_id": run.data.tags.get(TRIAL_ID_TAG),
+            "run_id": run.info.run_id,
+            "state": run.data.tags.get(STATE_TAG, "running"),
+            "start_time": run.info.start_time,
+        }
+        row.update({f"params.{k}": v for k, v in run.data.params.items()})
+        row.update(run.data.metrics)
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    for col in frame.columns:
+        if col.startswith("params."):
+            converted = pd.to_numeric(frame[col], errors="coerce")
+            if converted.notna().all():
+                frame[col] = converted
+    frame = frame.sort_values("start_time").reset_index(drop=True)
+    frame["order"] = np.arange(len(frame))
+    return frame
+
+
+def _searched_ranges(space: Any) -> dict[str, tuple[float, float]]:
+    return {f"params.{p.key}": (p.low, p.high) for p in space.params if p.low is not None}
+
+
+def run_study(opts: StudyOptions) -> dict[str, Any]:
+    from mlflow.tracking import MlflowClient
+
+    from tuning import ray_tune, tracking
+    from tuning.report import best_trial, write_study_report
+    from tuning.samplers import is_multi_objective, make_sampler
+    from tuning.spaces import load_space, resolve_space_path
+
+    _check(opts)
+    space_path = resolve_space_path(opts.space)
+    space = load_space(space_path)
+    base = load_config(opts.config, opts.overrides).with_updates(space.constants)
+    base.encoder.cache_dir = str(Path(base.encoder.cache_dir).resolve())  # trials chdir
+    name = opts.name or time.strftime("study-%Y%m%d-%H%M%S")
+    tracking_uri = tracking.resolve_tracking_uri(opts.tracking_uri)
+    storage = opts.storage_path or str(Path.cwd() / "ray_results")
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())
+    sampler = make_sampler(opts.sampler, opts.seed, space)
+
+    ray_tune.init_ray(opts.address)
+    if opts.address and tracking.is_local_store(tracking_uri) and ray_tune.is_multi_node():
+        raise HPNInputError(
+            f"--tracking-uri: {tracking_uri} is local to this machine, but trials run on a "
+            "multi-node Ray cluster; give an MLflow server URI (http://host:5000)")
+    gpus = opts.gpus_per_trial
+    if gpus is None:
+        gpus = 0.25 if ray_tune.cluster_gpus() > 0 else 0.0
+    elif gpus > 0 and ray_tune.cluster_gpus() == 0:
+        raise HPNInputError("--gpus-per-trial: the Ray cluster has no GPU; drop the flag to run on CPU")
+
+    data = prepare_data(base, progress=opts.progress)
+    client = MlflowClient(tracking_uri)
+    experiment_id = tracking.ensure_experiment(client, opts.experiment, tracking_uri)
+    parent = tracking.find_study_run(client, experiment_id, name)
+    if opts.resume and parent is None:
+        raise HPNInputError(f"--resume: no MLflow study run named {name!r} in experiment {opts.experiment!r}")
+    if parent is not None and not opts.resume:
+        raise HPNInputError(f"--name: a study named {name!r} already exists; pass --resume or a new name")
+    if parent is None:
+        parent = client.create_run(experiment_id, run_name=name, tags={
+            tracking.STUDY_TAG: name, tracking.ROLE_TAG: "study",
+            "hpn.space_file": str(space_path), "hpn.sampler": opts.sampler,
+            "hpn.scheduler": opts.scheduler, "hpn.dataset_fingerprint": data.fingerprint,
+            "hpn.code_version": tracking.code_version(),
+            "hpn.command": " ".join(shlex.quote(a) for a in sys.argv),
+            "mlflow.note.content": space.summary,
+        }).info.run_id
+        for key, value in sorted(base.to_flat().items()):
+            client.log_param(parent, key, str(value))
+        client.log_artifact(parent, str(space_path), "space")
+    else:
+        client.update_run(parent, status="RUNNING")
+
+    multi = is_multi_objective(opts.sampler)
+    memory_metric = M.PEAK_VRAM_MB if gpus > 0 else M.PEAK_RSS_MB
+    ctx = ray_tune.StudyContext(name, tracking_uri, experiment_id, parent, base.to_dict(), gpus)
+    settings = ray_tune.TuneSettings(
+        trials=opts.trials, max_concurrent=opts.max_concurrent, cpus_per_trial=opts.cpus_per_trial,
+        gpus_per_trial=gpus, scheduler=opts.scheduler, storage_path=storage,
+        metric=[M.VAL_ACCURACY, memory_metric] if multi else M.VAL_ACCURACY,
+        mode=["max", "min"] if multi else "max", epochs=base.train.epochs,
+    )
+    started = time.time()
+    ray_tune.run_tuner(space.define_by_run(), sampler, data, ctx, settings, opts.resume)
+    wall = time.time() - started
+
+    trials = trials_frame(client, experiment_id, parent)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_study_report(trials, tmp, M.VAL_ACCURACY, memory_metric if multi else None,
+                           _searched_ranges(space))
+        client.log_artifacts(parent, tmp, "report")
+        (Path(tmp) / "base_config.yaml").write_text(yaml.safe_dump(base.to_dict(), sort_keys=False))
+        client.log_artifact(parent, str(Path(tmp) / "base_config.yaml"))
+    states = trials["state"].value_counts().to_dict() if not trials.empty else {}
+    best = best_trial(trials, M.VAL_ACCURACY)
+    summary: dict[str, Any] = {
+        "study": name,
+        "experiment": opts.experiment,
+        "tracking_uri": tracking_uri,
+        "parent_run_id": parent,
+        "trials_completed": int(states.get("completed", 0)),
+        "trials_pruned": int(states.get("pruned", 0)),
+        "trials_errored": int(states.get("error", 0)),
+        "wall_s": wall,
+        "best_config": None, "best_val_accuracy": None, "best_test_accuracy": None,
+        "best_run_id": None,
+    }
+    if best is not None:
+        summary.update({
+            "best_config": {k[len("params."):]: _plain(best[k]) for k in trials.columns
+                            if k.startswith("params.") and k[len("params."):] in space.keys()},
+            "best_val_accuracy": float(best[M.VAL_ACCURACY]),
+            "best_test_accuracy": float(best[M.TEST_ACCURACY]),
+            "best_run_id": best["run_id"],
+        })
+        client.log_metric(parent, "best_val_accuracy", summary["best_val_accuracy"])
+        client.log_metric(parent, "best_test_accuracy", summary["best_test_accuracy"])
+        client.set_tag(parent, "hpn.best_run_id", best["run_id"])
+    for key in ("trials_completed", "trials_pruned", "trials_errored"):
+        client.log_metric(parent, key, summary[key])
+    client.set_terminated(parent, "FINISHED")
+    if opts.register and best is not None:
+        from tuning.registry import register_run
+
+        summary["registered_version"] = register_run(client, best["run_id"], opts.model_name)
+    return summary
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value

@@ -1,0 +1,139 @@
+"""MLflow bookkeeping: the study's parent run and each trial's child run.
+
+All calls go through `MlflowClient` with explicit run ids (no fluent "active run"), because
+trials log from Ray actors, possibly on other nodes, where no active run exists.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from hpn.errors import HPNInputError
+
+TRIAL_ID_TAG = "hpn.trial_id"
+STUDY_TAG = "hpn.study"
+STATE_TAG = "hpn.trial_state"  # completed | pruned | error
+PARENT_TAG = "mlflow.parentRunId"
+ROLE_TAG = "hpn.role"  # study | trial
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else a SQLite file in the working directory.
+
+    Made absolute because Ray trials run with another working directory.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    if "://" not in uri:  # a bare path means a file store directory
+        return str(Path(uri).resolve())
+    return uri
+
+
+def is_local_store(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            raise HPNInputError(f"--experiment: {name!r} is deleted in MLflow; restore it or pick another name")
+        return exp.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:"):
+        # A SQLite store has no artifact root of its own: keep artifacts beside the database.
+        db = Path(tracking_uri[len("sqlite:///"):])
+        location = (db.parent / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def code_version() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import version
+
+        return f"hpn-tune=={version('hpn-tune')}"
+
+
+def find_study_run(client: MlflowClient, experiment_id: str, study: str) -> str | None:
+    runs = client.search_runs(
+        [experiment_id],
+        f"tags.`{STUDY_TAG}` = '{study}' AND tags.`{ROLE_TAG}` = 'study'",
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list[Any]:
+    return client.search_runs(
+        [experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=50_000
+    )
+
+
+def _param_value(value: Any) -> str:
+    return str(value)[:6000]
+
+
+class TrialRun:
+    """One trial's child run. Re-opened (never duplicated) when a resumed study re-runs it."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str,
+                 study: str, params: dict[str, Any]) -> None:
+        self.client = MlflowClient(tracking_uri)
+        existing = self.client.search_runs(
+            [experiment_id],
+            f"tags.`{PARENT_TAG}` = '{parent_run_id}' AND tags.`{TRIAL_ID_TAG}` = '{trial_id}'",
+            max_results=1,
+        )
+        if existing:
+            self.run_id = existing[0].info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(
+                experiment_id,
+                run_name=trial_id,
+                tags={PARENT_TAG: parent_run_id, TRIAL_ID_TAG: trial_id, STUDY_TAG: study,
+                      ROLE_TAG: "trial", "hpn.node": socket.gethostname()},
+            )
+            self.run_id = run.info.run_id
+            self.client.log_batch(
+                self.run_id, params=[Param(k, _param_value(v)) for k, v in sorted(params.items())]
+            )
+        self.client.set_tag(self.run_id, "hpn.node", socket.gethostname())
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        import math
+        import time
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and math.isfinite(v)]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def end(self, state: str, reason: str | None = None) -> None:
+        tags = [RunTag(STATE_TAG, state)]
+        if reason:
+            tags.append(RunTag("hpn.error", reason[:5000]))
+        self.client.log_batch(self.run_id, tags=tags)
+        status = {"completed": "FINISHED", "pruned": "KILLED"}.get(state, "FAILED")
+        self.client.set_terminated(self.run_id, status=status)
