@@ -45,6 +45,9 @@ class TextEncoder(nn.Module):
     def __init__(self, name: str, pooling: str = "mean", max_length: int = 128) -> None:
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars on every load
 
         path = resolve_encoder(name)
         try:

@@ -111,7 +111,7 @@ class _Batches:
         # A trainable encoder must see tokens even when cached features happen to exist.
         use_cache = encoder is None and data.features is not None
         self.features = torch.from_numpy(data.features).to(device) if use_cache else None
-        self.labels = torch.from_numpy(data.corpus.labels).to(device)
+        self.labels = torch.tensor(data.corpus.labels, dtype=torch.long, device=device)
 
     def inputs(self, idx: np.ndarray) -> torch.Tensor:
         if self.features is not None:
@@ -202,7 +202,9 @@ def train(
                 if cfg.model.prototype_mode == "learned" and cfg.train.separation_weight > 0:
                     loss = loss + cfg.train.separation_weight * separation_loss(head.prototypes, groups)
             if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"loss became {float(loss)} at epoch {epoch}; lower train.lr")
+                raise NonFiniteLossError(
+                    f"loss became {float(loss.detach())} at epoch {epoch} (diverged or non-finite inputs); "
+                    "lower train.lr")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)

@@ -82,7 +82,7 @@ def _bad_files(tmp_path):
         (["--set", "data.source=file", "--set", "data.path=" + _write(
             tmp_path / "empty.jsonl", many + '{"text": "", "label": "a"}\n')], "empty.jsonl"),
         (["--set", "data.source=file", "--set", "data.path=" + _write(
-            tmp_path / "nontext.jsonl", many + '{"text": 12, "label": "a"}\n')], "nontext.jsonl"),
+            tmp_path / "nontext.jsonl", many + '{"text": null, "label": "a"}\n')], "nontext.jsonl"),
         (["--set", "data.source=file", "--set", "data.path=" + _write(
             tmp_path / "oneclass.jsonl", "".join(f'{{"text": "p {i}", "label": "a"}}\n' for i in range(20)))],
          "2 classes"),

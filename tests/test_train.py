@@ -107,10 +107,11 @@ def test_fine_tuning_the_top_layer_trains_the_encoder_with_amp(cache_dir):
     assert np.isfinite(result.metrics[M.TEST_ACCURACY])
 
 
-def test_a_diverging_run_stops_with_a_clear_error(small_config):
-    from hpn.train import NonFiniteLossError
+def test_a_non_finite_loss_stops_the_run_with_a_clear_error(small_config):
+    from hpn.train import NonFiniteLossError, PreparedData
 
-    cfg = small_config.with_updates({"train.lr": 1e30, "train.optimizer": "sgd",
-                                     "model.prototype_mode": "learned"})
+    data = prepare_data(small_config)
+    broken = data.features.copy()
+    broken[data.split.train[:5]] = np.nan  # e.g. a corrupted embedding cache
     with pytest.raises(NonFiniteLossError, match="train.lr"):
-        train(cfg)
+        train(small_config, PreparedData(data.corpus, data.split, broken))

@@ -17,7 +17,7 @@ import pandas as pd
 import yaml
 
 from hpn import metrics as M
-from hpn.config import load_config
+from hpn.config import load_config, parse_override
 from hpn.errors import HPNInputError
 from hpn.train import prepare_data
 
@@ -104,13 +104,15 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
 
     from tuning import ray_tune, tracking
     from tuning.report import best_trial, write_study_report
-    from tuning.samplers import is_multi_objective, make_sampler
+    from tuning.samplers import grid_size, is_multi_objective, make_sampler
     from tuning.spaces import load_space, resolve_space_path
 
     _check(opts)
     space_path = resolve_space_path(opts.space)
     space = load_space(space_path)
-    base = load_config(opts.config, opts.overrides).with_updates(space.constants)
+    # The space's constants fix keys for the study; --set on the command line still wins.
+    base = load_config(opts.config).with_updates(space.constants)
+    base = base.with_updates(dict(parse_override(o) for o in opts.overrides))
     base.encoder.cache_dir = str(Path(base.encoder.cache_dir).resolve())  # trials chdir
     name = opts.name or time.strftime("study-%Y%m%d-%H%M%S")
     tracking_uri = tracking.resolve_tracking_uri(opts.tracking_uri)
@@ -118,6 +120,9 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
     if "://" not in storage:
         storage = str(Path(storage).resolve())
     sampler = make_sampler(opts.sampler, opts.seed, space)
+    trials = opts.trials
+    if opts.sampler == "grid":
+        trials = min(trials, grid_size(space))  # past the grid, Optuna repeats points
 
     ray_tune.init_ray(opts.address)
     if opts.address and tracking.is_local_store(tracking_uri) and ray_tune.is_multi_node():
@@ -157,7 +162,7 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
     memory_metric = M.PEAK_VRAM_MB if gpus > 0 else M.PEAK_RSS_MB
     ctx = ray_tune.StudyContext(name, tracking_uri, experiment_id, parent, base.to_dict(), gpus)
     settings = ray_tune.TuneSettings(
-        trials=opts.trials, max_concurrent=opts.max_concurrent, cpus_per_trial=opts.cpus_per_trial,
+        trials=trials, max_concurrent=opts.max_concurrent, cpus_per_trial=opts.cpus_per_trial,
         gpus_per_trial=gpus, scheduler=opts.scheduler, storage_path=storage,
         metric=[M.VAL_ACCURACY, memory_metric] if multi else M.VAL_ACCURACY,
         mode=["max", "min"] if multi else "max", epochs=base.train.epochs,

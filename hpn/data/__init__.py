@@ -1,0 +1,27 @@
+"""Data: a labelled persona Corpus, its seeded stratified split and the loaders behind it.
+
+`load_corpus(cfg.data)` is the entry point: the built-in synthetic corpus, a local
+JSONL / CSV / Parquet file, or PersonaHub (hub or local copy) with derived labels.
+"""
+
+from __future__ import annotations
+
+from hpn.data.corpus import MIN_CLASS_SIZE, Corpus, Split
+from hpn.data.files import corpus_from_file, read_table
+from hpn.data.loader import load_corpus
+from hpn.data.personahub import KEYWORD_PATTERNS, keyword_label, load_personahub
+from hpn.data.synthetic import DOMAINS, synthetic_corpus
+
+__all__ = [
+    "DOMAINS",
+    "KEYWORD_PATTERNS",
+    "MIN_CLASS_SIZE",
+    "Corpus",
+    "Split",
+    "corpus_from_file",
+    "keyword_label",
+    "load_corpus",
+    "load_personahub",
+    "read_table",
+    "synthetic_corpus",
+]

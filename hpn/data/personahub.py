@@ -1,0 +1,118 @@
+"""PersonaHub (proj-persona/PersonaHub) and the label sources the seed project used.
+
+The `persona` subset holds text only, so its labels come from the seed project's ten
+profession patterns (`keywords`); the `elite_persona` subset has a general-domain field
+(`elite_domain`). With `data.path` set, a local copy in PersonaHub's schema is read instead
+of the hub, which is also how the tests run (nothing is downloaded here).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from hpn.data.corpus import Corpus, check_texts
+from hpn.data.files import (
+    check_labels,
+    column,
+    corpus_from_labels,
+    one_line,
+    read_table,
+    require_column,
+    resolve_text_column,
+    sample_rows,
+)
+from hpn.errors import DataError
+
+if TYPE_CHECKING:
+    from hpn.config import DataConfig
+
+DATASET_ID = "proj-persona/PersonaHub"
+PERSONA_SUBSET = "persona"  # columns: persona
+ELITE_SUBSET = "elite_persona"  # columns: persona, general/specific domain (top 1 / 0.1 percent)
+TEXT_COLUMN = "persona"
+GENERAL_DOMAIN_COLUMN = "general domain (top 1 percent)"
+SPECIFIC_DOMAIN_COLUMN = "specific domain (top 1 percent)"
+SUBSETS = {"keywords": PERSONA_SUBSET, "elite_domain": ELITE_SUBSET}
+
+#: The seed project's patterns: case-insensitive, first match wins, else "other".
+KEYWORD_PATTERNS: tuple[tuple[str, str], ...] = (
+    ("medical", r"doctor|physician|nurse|medical"),
+    ("education", r"teacher|educator|professor|lecturer"),
+    ("technology", r"engineer|developer|programmer|software"),
+    ("legal", r"lawyer|attorney|legal|judge"),
+    ("arts", r"artist|painter|musician|designer"),
+    ("science", r"scientist|researcher|biologist|chemist|physicist"),
+    ("writing", r"writer|author|journalist|editor"),
+    ("business", r"business|entrepreneur|manager|executive"),
+    ("culinary", r"chef|cook|culinary|baker"),
+    ("sports", r"athlete|coach|sports|fitness"),
+)
+OTHER_LABEL = "other"
+_COMPILED = [(label, re.compile(pattern, re.IGNORECASE)) for label, pattern in KEYWORD_PATTERNS]
+
+
+def keyword_label(text: str) -> str:
+    for label, pattern in _COMPILED:
+        if pattern.search(text):
+            return label
+    return OTHER_LABEL
+
+
+def _is_domain(value: object) -> bool:
+    # elite_persona writes a missing domain as the string "None"
+    return isinstance(value, str) and value.strip() not in ("", "None", "none")
+
+
+def _download(subset: str, size: int) -> dict[str, list]:
+    """The first `size` rows of a subset, streamed: elite_persona alone holds ~370M rows."""
+    import datasets
+
+    if size <= 0:
+        raise DataError(f"data.size: set a cap (e.g. 20000) to read PersonaHub's {subset!r} subset")
+    try:
+        stream = datasets.load_dataset(DATASET_ID, subset, split="train", streaming=True)
+        rows = list(stream.take(size))
+    except Exception as exc:  # noqa: BLE001 (no network, hub or auth errors: one fix for all)
+        raise DataError(
+            f"PersonaHub ({DATASET_ID}, subset {subset!r}) could not be downloaded "
+            f"({one_line(exc)}); "
+            "set data.path to a local JSONL/Parquet copy or use data.source=synthetic"
+        ) from None
+    if not rows:
+        raise DataError(f"PersonaHub ({DATASET_ID}, subset {subset!r}) returned no rows")
+    return {name: [row.get(name) for row in rows] for name in rows[0]}
+
+
+def load_personahub(cfg: DataConfig) -> Corpus:
+    """PersonaHub from the hub, or any local file (`data.path`), with derived labels."""
+    if cfg.path:
+        table = read_table(cfg.path)
+        where, names = cfg.path, table.column_names
+        get = lambda name: column(table, name)
+    elif cfg.labels in SUBSETS:
+        where = f"{DATASET_ID} ({SUBSETS[cfg.labels]})"
+        data = _download(SUBSETS[cfg.labels], cfg.size)
+        names, get = list(data), data.__getitem__
+    else:
+        raise DataError(
+            f"data.labels={cfg.labels}: PersonaHub's persona subset has no label column; "
+            "use data.labels=keywords or elite_domain, or set data.path to a labelled local file"
+        )
+
+    text_column = resolve_text_column(names, cfg.text_column, where)
+    texts = get(text_column)
+    check_texts(texts, text_column)
+    if cfg.labels == "keywords":
+        raw: Sequence[object] = [keyword_label(t) for t in texts]
+    else:
+        label_column = GENERAL_DOMAIN_COLUMN if cfg.labels == "elite_domain" else cfg.label_column
+        require_column(names, label_column, "data.label_column", where)
+        raw = get(label_column)
+        if cfg.labels == "elite_domain":  # personas without a domain carry no label: drop them
+            keep = [i for i, value in enumerate(raw) if _is_domain(value)]
+            texts, raw = [texts[i] for i in keep], [raw[i] for i in keep]
+        check_labels(raw, label_column)
+    rows = sample_rows(len(texts), cfg.size, cfg.seed)
+    return corpus_from_labels([texts[i] for i in rows], [raw[i] for i in rows])
