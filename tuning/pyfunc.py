@@ -49,7 +49,7 @@ try:
         def load_context(self, context: Any) -> None:
             self.model = HPNClassifier.load(context.artifacts["hpn"])
 
-        def predict(self, context: Any, model_input: Any, params: dict | None = None) -> pd.DataFrame:
+        def predict(self, context, model_input, params=None):  # no hints: MLflow reads them as a schema
             return predictions_frame(self.model, _texts(model_input))
 except ImportError:  # pragma: no cover - mlflow is a dependency; kept importable without it
     HPNPyfunc = None  # type: ignore[assignment,misc]

@@ -5,6 +5,7 @@ HPN with `hpn.train.train` and reports each epoch through `tune.report`.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,8 @@ class StudyContext:
     parent_run_id: str
     base_config: dict[str, Any]
     gpu_fraction: float
+    searched_keys: tuple[str, ...]  # the rest of Tune's config is the space's constants,
+    # already in base_config with --set applied on top
 
 
 def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: float | None = None) -> None:
@@ -70,11 +73,17 @@ def _cap_cuda_memory(fraction: float) -> str:
 def trial_fn(config: dict[str, Any], data: PreparedData, ctx: StudyContext) -> None:
     import torch
 
-    cfg = from_dict(ctx.base_config).with_updates(config)
+    cfg = from_dict(ctx.base_config).with_updates(
+        {k: v for k, v in config.items() if k in ctx.searched_keys})
     trial_id = tune.get_context().get_trial_id()
     cfg.train.device = _cap_cuda_memory(ctx.gpu_fraction)
     run = TrialRun(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, trial_id, ctx.study,
                    {**cfg.to_flat(), "trial_id": trial_id})
+    if run.finished_metrics is not None:
+        # Finished before the driver was killed, but after Ray last saved its state: the
+        # MLflow run is the record, so replay it instead of training again.
+        tune.report({**run.finished_metrics, DONE_KEY: True})
+        return
     started = time.time()
     pending: list[dict[str, float]] = []
 
@@ -156,6 +165,19 @@ class TuneSettings:
     epochs: int
 
 
+def known_trial_ids(experiment_path: str) -> set[str]:
+    """Trial ids in the study's saved Ray state: what a resume will and won't run again."""
+    from ray.tune import ExperimentAnalysis
+
+    return {t.trial_id for t in ExperimentAnalysis(experiment_path).trials}
+
+
+def experiment_path(storage_path: str, study: str) -> str:
+    if "://" in storage_path:
+        return f"{storage_path.rstrip('/')}/{study}"
+    return str(Path(storage_path) / study)
+
+
 def run_tuner(define_by_run: Any, sampler: Any, data: PreparedData, ctx: StudyContext,
               settings: TuneSettings, resume: bool) -> Any:
     """Run (or resume) the study; returns Ray's ResultGrid."""
@@ -164,19 +186,19 @@ def run_tuner(define_by_run: Any, sampler: Any, data: PreparedData, ctx: StudyCo
     if settings.gpus_per_trial > 0:
         resources["gpu"] = settings.gpus_per_trial
     trainable = tune.with_resources(trainable, resources)
-    path = Path(settings.storage_path) / ctx.study if "://" not in settings.storage_path else None
+    # Ray saves the study state (trials, searcher) at most this often; a driver killed
+    # between saves loses trials that finished since (see tuning.study's lost trials).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     if resume:
-        exp_path = str(path) if path else f"{settings.storage_path.rstrip('/')}/{ctx.study}"
+        exp_path = experiment_path(settings.storage_path, ctx.study)
         if not tune.Tuner.can_restore(exp_path):
             raise HPNInputError(f"--resume: no study named {ctx.study!r} under {settings.storage_path}; "
                                 "check --name and --storage-path")
         return tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False).fit()
     multi = isinstance(settings.metric, list)
-    searcher = OptunaSearch(
-        space=define_by_run, sampler=sampler,
-        metric=settings.metric if multi else None, mode=settings.mode if multi else None,
-    )
+    searcher = OptunaSearch(space=define_by_run, sampler=sampler, metric=settings.metric,
+                            mode=settings.mode)
     if settings.scheduler == "asha" and not multi:
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=settings.epochs,
                                   grace_period=min(3, settings.epochs), reduction_factor=3)

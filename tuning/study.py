@@ -95,6 +95,19 @@ def trials_frame(client: Any, experiment_id: str, parent_run_id: str) -> pd.Data
     return frame
 
 
+def _mark_lost_trials(client: Any, experiment_id: str, parent: str, known: set[str]) -> None:
+    """Child runs of trials that Ray's saved state does not hold (the driver was killed
+    after they finished but before Ray saved): kept, but tagged `lost` so no trial counts
+    twice and reports skip them."""
+    from tuning.tracking import STATE_TAG, TRIAL_ID_TAG, trial_runs
+
+    for run in trial_runs(client, experiment_id, parent):
+        if run.data.tags.get(TRIAL_ID_TAG) not in known and run.data.tags.get(STATE_TAG) != "lost":
+            client.set_tag(run.info.run_id, STATE_TAG, "lost")
+            if run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, "KILLED")
+
+
 def _searched_ranges(space: Any) -> dict[str, tuple[float, float]]:
     return {f"params.{p.key}": (p.low, p.high) for p in space.params if p.low is not None}
 
@@ -160,7 +173,8 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
 
     multi = is_multi_objective(opts.sampler)
     memory_metric = M.PEAK_VRAM_MB if gpus > 0 else M.PEAK_RSS_MB
-    ctx = ray_tune.StudyContext(name, tracking_uri, experiment_id, parent, base.to_dict(), gpus)
+    ctx = ray_tune.StudyContext(name, tracking_uri, experiment_id, parent, base.to_dict(), gpus,
+                                tuple(space.keys()))
     settings = ray_tune.TuneSettings(
         trials=trials, max_concurrent=opts.max_concurrent, cpus_per_trial=opts.cpus_per_trial,
         gpus_per_trial=gpus, scheduler=opts.scheduler, storage_path=storage,
@@ -170,6 +184,8 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
     started = time.time()
     ray_tune.run_tuner(space.define_by_run(), sampler, data, ctx, settings, opts.resume)
     wall = time.time() - started
+    _mark_lost_trials(client, experiment_id, parent,
+                      ray_tune.known_trial_ids(ray_tune.experiment_path(storage, name)))
 
     trials = trials_frame(client, experiment_id, parent)
     with tempfile.TemporaryDirectory() as tmp:
@@ -188,6 +204,7 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
         "trials_completed": int(states.get("completed", 0)),
         "trials_pruned": int(states.get("pruned", 0)),
         "trials_errored": int(states.get("error", 0)),
+        "trials_lost": int(states.get("lost", 0)),
         "wall_s": wall,
         "best_config": None, "best_val_accuracy": None, "best_test_accuracy": None,
         "best_run_id": None,

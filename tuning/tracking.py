@@ -104,8 +104,13 @@ class TrialRun:
             f"tags.`{PARENT_TAG}` = '{parent_run_id}' AND tags.`{TRIAL_ID_TAG}` = '{trial_id}'",
             max_results=1,
         )
+        #: final metrics when this trial already finished (a resumed study replays them)
+        self.finished_metrics: dict[str, float] | None = None
         if existing:
             self.run_id = existing[0].info.run_id
+            if existing[0].data.tags.get(STATE_TAG) == "completed":
+                self.finished_metrics = dict(existing[0].data.metrics)
+                return
             self.client.update_run(self.run_id, status="RUNNING")
         else:
             run = self.client.create_run(
