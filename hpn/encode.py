@@ -52,7 +52,10 @@ class TextEncoder(nn.Module):
         path = resolve_encoder(name)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModel.from_pretrained(path)
+            # float32 whatever the checkpoint stores: transformers 5 loads fp16/bf16 weights
+            # as they are, and fp16 parameters break GradScaler when fine-tuning with AMP
+            # ("Attempting to unscale FP16 gradients"); AMP does the half-precision work.
+            self.model = AutoModel.from_pretrained(path).float()
         except OSError as exc:
             raise ConfigError(
                 f"encoder.name: cannot load {name!r} ({str(exc).splitlines()[0][:120]}); "

@@ -165,6 +165,16 @@ class TuneSettings:
     epochs: int
 
 
+def _quiet_libraries() -> None:
+    import logging
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
+
+
 def known_trial_ids(experiment_path: str) -> set[str]:
     """Trial ids in the study's saved Ray state: what a resume will and won't run again."""
     from ray.tune import ExperimentAnalysis
@@ -189,6 +199,9 @@ def run_tuner(define_by_run: Any, sampler: Any, data: PreparedData, ctx: StudyCo
     # Ray saves the study state (trials, searcher) at most this often; a driver killed
     # between saves loses trials that finished since (see tuning.study's lost trials).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # Our own summary is the study's output; Ray's console tables would bury it.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    _quiet_libraries()
     if resume:
         exp_path = experiment_path(settings.storage_path, ctx.study)
         if not tune.Tuner.can_restore(exp_path):
