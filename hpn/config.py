@@ -7,6 +7,7 @@ fix it from the one-line error alone.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -169,9 +170,9 @@ def _set(cfg: Config, key: str, value: Any) -> None:
     section_name, _, name = key.partition(".")
     section = getattr(cfg, section_name, None) if name else None
     if section is None or not dataclasses.is_dataclass(section) or not hasattr(section, name):
-        raise ConfigError(
-            f"unknown config key {key!r}; known keys: {', '.join(known_keys())}"
-        )
+        close = difflib.get_close_matches(key, known_keys(), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "see README's config key table"
+        raise ConfigError(f"unknown config key {key!r}; {hint}")
     setattr(section, name, _coerce(key, value, _field_type(type(section)(), name)))
 
 

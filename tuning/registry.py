@@ -113,13 +113,14 @@ def promote(client: MlflowClient, model_name: str = DEFAULT_MODEL_NAME, study: s
     candidate = _candidate(client, model_name, study, run_id)
     score = _version_metric(client, candidate, metric)
     champion = _alias(client, model_name, CHAMPION)
-    result = {"model_name": model_name, "version": candidate.version, "metric": metric,
+    # Version numbers are ints from a SQL store and strs over REST: report them as strs.
+    result = {"model_name": model_name, "version": str(candidate.version), "metric": metric,
               "candidate_value": score, "champion_version": None, "champion_value": None}
     if champion is not None:
         if champion.version == candidate.version:
             return {**result, "promoted": False, "reason": f"version {candidate.version} is already champion"}
         held = _version_metric(client, champion, metric)
-        result.update(champion_version=champion.version, champion_value=held)
+        result.update(champion_version=str(champion.version), champion_value=held)
         if not force and not (math.isfinite(score) and score > held):
             raise PromotionRefused(
                 f"version {candidate.version} has {metric} {score:.4f}, not above champion "
@@ -138,5 +139,5 @@ def rollback(client: MlflowClient, model_name: str = DEFAULT_MODEL_NAME) -> dict
     client.set_registered_model_alias(model_name, CHAMPION, previous.version)
     if champion is not None:
         client.set_registered_model_alias(model_name, PREVIOUS, champion.version)
-    return {"model_name": model_name, "champion": previous.version,
-            "previous": champion.version if champion is not None else None}
+    return {"model_name": model_name, "champion": str(previous.version),
+            "previous": str(champion.version) if champion is not None else None}

@@ -77,6 +77,9 @@ def serve_command(model_uri: str, port: int, host: str = "127.0.0.1") -> list[st
 def serve(model_uri: str, port: int, tracking_uri: str | None, host: str = "127.0.0.1") -> None:
     uri = resolve_tracking_uri(tracking_uri)
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri}
+    # MLflow starts the scoring server as `bash -c "exec uvicorn ..."`: put our interpreter's
+    # bin first on PATH so a venv that was never activated still finds its own uvicorn.
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     print(f"serving {model_uri} at http://{host}:{port}/invocations", flush=True)
     os.execvpe(sys.executable, serve_command(model_uri, port, host), env)
 
