@@ -39,7 +39,7 @@ def seed_epoch_seconds(cfg, corpus, split, batches: int) -> tuple[float, int]:
     order = np.random.default_rng(0).permutation(split.train)
     bs = cfg.train.batch_size
     total = int(np.ceil(len(order) / bs))
-    labels = torch.from_numpy(corpus.labels)
+    labels = torch.tensor(corpus.labels, dtype=torch.long)
 
     def step(idx: np.ndarray) -> None:
         tokens = encoder.tokenize([corpus.texts[i] for i in idx], pad_to_max=True)  # 128 tokens
