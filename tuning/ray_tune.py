@@ -20,7 +20,7 @@ from hpn import metrics as M
 from hpn.config import from_dict
 from hpn.errors import HPNInputError
 from hpn.train import NonFiniteLossError, PreparedData, train
-from tuning.tracking import STATE_TAG, TrialRun
+from tuning.tracking import NODE_IP_TAG, RAY_NODE_ID_TAG, STATE_TAG, TrialRun
 
 DONE_KEY = "hpn_finished"  # set only on the last report of a trial that trained to the end
 NUM_CLASSES_KEY = "num_classes"
@@ -46,7 +46,16 @@ def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: float |
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                               "configure_logging": False}
     if address:
-        ray.init(address=address, **kwargs)
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as exc:  # no cluster there, or it refused our token
+            if "InvalidAuthToken" in str(exc.__cause__):
+                raise HPNInputError(
+                    f"--address: the Ray cluster at {address} refused this process's token; set "
+                    "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the cluster's token") from exc
+            raise HPNInputError(
+                f"--address: cannot join the Ray cluster at {address}: check that it runs and that "
+                "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH holds its token") from exc
     else:
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
 
@@ -57,6 +66,12 @@ def cluster_gpus() -> float:
 
 def is_multi_node() -> bool:
     return len([n for n in ray.nodes() if n.get("Alive")]) > 1
+
+
+def node_tags() -> dict[str, str]:
+    """The Ray node this process runs on, as MLflow tags (called inside a trial)."""
+    return {RAY_NODE_ID_TAG: ray.get_runtime_context().get_node_id(),
+            NODE_IP_TAG: ray.util.get_node_ip_address()}
 
 
 def _cap_cuda_memory(fraction: float) -> str:
@@ -78,7 +93,7 @@ def trial_fn(config: dict[str, Any], data: PreparedData, ctx: StudyContext) -> N
     trial_id = tune.get_context().get_trial_id()
     cfg.train.device = _cap_cuda_memory(ctx.gpu_fraction)
     run = TrialRun(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, trial_id, ctx.study,
-                   {**cfg.to_flat(), "trial_id": trial_id})
+                   {**cfg.to_flat(), "trial_id": trial_id}, node_tags())
     if run.finished_metrics is not None:
         # Finished before the driver was killed, but after Ray last saved its state: the
         # MLflow run is the record, so replay it instead of training again.

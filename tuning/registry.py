@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from typing import Any
 
 from mlflow.exceptions import MlflowException
@@ -87,6 +88,23 @@ def _alias(client: MlflowClient, name: str, alias: str) -> Any | None:
         return None
 
 
+def _set_alias(client: MlflowClient, name: str, alias: str, version: str, attempts: int = 5) -> None:
+    """Point `alias` at `version`, retrying a lost race to create the alias row.
+
+    MLflow's SQL store sets an alias by select-then-insert (`session.merge`), so two promoters
+    setting a new alias at once can fail with a unique-constraint error; the retry updates
+    the row the other one created.
+    """
+    for attempt in range(attempts):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except MlflowException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
 def _candidate(client: MlflowClient, name: str, study: str | None, run_id: str | None) -> Any:
     try:
         versions = client.search_model_versions(f"name = '{name}'")
@@ -125,8 +143,8 @@ def promote(client: MlflowClient, model_name: str = DEFAULT_MODEL_NAME, study: s
             raise PromotionRefused(
                 f"version {candidate.version} has {metric} {score:.4f}, not above champion "
                 f"version {champion.version} at {held:.4f}; nothing changed (use --force to override)")
-        client.set_registered_model_alias(model_name, PREVIOUS, champion.version)
-    client.set_registered_model_alias(model_name, CHAMPION, candidate.version)
+        _set_alias(client, model_name, PREVIOUS, champion.version)
+    _set_alias(client, model_name, CHAMPION, candidate.version)
     return {**result, "promoted": True}
 
 
@@ -136,8 +154,8 @@ def rollback(client: MlflowClient, model_name: str = DEFAULT_MODEL_NAME) -> dict
     if previous is None:
         raise HPNInputError(f"--model-name: {model_name!r} has no 'previous' version to roll back to")
     champion = _alias(client, model_name, CHAMPION)
-    client.set_registered_model_alias(model_name, CHAMPION, previous.version)
+    _set_alias(client, model_name, CHAMPION, previous.version)
     if champion is not None:
-        client.set_registered_model_alias(model_name, PREVIOUS, champion.version)
+        _set_alias(client, model_name, PREVIOUS, champion.version)
     return {"model_name": model_name, "champion": str(previous.version),
             "previous": str(champion.version) if champion is not None else None}

@@ -138,10 +138,16 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
         trials = min(trials, grid_size(space))  # past the grid, Optuna repeats points
 
     ray_tune.init_ray(opts.address)
-    if opts.address and tracking.is_local_store(tracking_uri) and ray_tune.is_multi_node():
-        raise HPNInputError(
-            f"--tracking-uri: {tracking_uri} is local to this machine, but trials run on a "
-            "multi-node Ray cluster; give an MLflow server URI (http://host:5000)")
+    if opts.address and ray_tune.is_multi_node():
+        # Trials run on other machines: they must reach the tracking store and the storage.
+        if tracking.is_local_store(tracking_uri):
+            raise HPNInputError(
+                f"--tracking-uri: {tracking_uri} is local to this machine, but trials run on a "
+                "multi-node Ray cluster; give an MLflow server URI (http://host:5000)")
+        if not opts.storage_path:
+            raise HPNInputError(
+                "--storage-path: trials run on a multi-node Ray cluster; give a path every node "
+                "sees (e.g. /shared/ray_results on NFS) or a URI (s3://bucket/ray_results)")
     gpus = opts.gpus_per_trial
     if gpus is None:
         gpus = 0.25 if ray_tune.cluster_gpus() > 0 else 0.0

@@ -21,6 +21,11 @@ STUDY_TAG = "hpn.study"
 STATE_TAG = "hpn.trial_state"  # completed | pruned | error
 PARENT_TAG = "mlflow.parentRunId"
 ROLE_TAG = "hpn.role"  # study | trial
+# Where a trial ran. The hostname alone cannot tell apart two Ray nodes on one machine (or
+# two containers sharing a host name), so the Ray node id and node IP go beside it.
+NODE_TAG = "hpn.node"
+RAY_NODE_ID_TAG = "hpn.ray_node_id"
+NODE_IP_TAG = "hpn.node_ip"
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -97,8 +102,9 @@ class TrialRun:
     """One trial's child run. Re-opened (never duplicated) when a resumed study re-runs it."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str,
-                 study: str, params: dict[str, Any]) -> None:
+                 study: str, params: dict[str, Any], node_tags: dict[str, str] | None = None) -> None:
         self.client = MlflowClient(tracking_uri)
+        where = {NODE_TAG: socket.gethostname(), **(node_tags or {})}
         existing = self.client.search_runs(
             [experiment_id],
             f"tags.`{PARENT_TAG}` = '{parent_run_id}' AND tags.`{TRIAL_ID_TAG}` = '{trial_id}'",
@@ -112,18 +118,19 @@ class TrialRun:
                 self.finished_metrics = dict(existing[0].data.metrics)
                 return
             self.client.update_run(self.run_id, status="RUNNING")
+            # A resumed trial may run on another node than its first attempt did.
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in where.items()])
         else:
             run = self.client.create_run(
                 experiment_id,
                 run_name=trial_id,
                 tags={PARENT_TAG: parent_run_id, TRIAL_ID_TAG: trial_id, STUDY_TAG: study,
-                      ROLE_TAG: "trial", "hpn.node": socket.gethostname()},
+                      ROLE_TAG: "trial", **where},
             )
             self.run_id = run.info.run_id
             self.client.log_batch(
                 self.run_id, params=[Param(k, _param_value(v)) for k, v in sorted(params.items())]
             )
-        self.client.set_tag(self.run_id, "hpn.node", socket.gethostname())
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         import math

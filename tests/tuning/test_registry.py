@@ -20,16 +20,23 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import free_port
 from mlflow.tracking import MlflowClient
 
-from conftest import free_port
 from hpn import metrics as M
 from hpn.config import load_config
 from hpn.train import PreparedData, TrainResult, prepare_data, train
 from tuning.cli import main
 from tuning.pyfunc import log_pyfunc
 from tuning.registry import CHAMPION, PREVIOUS, PromotionRefused, promote, register_run, rollback
-from tuning.tracking import PARENT_TAG, ROLE_TAG, STATE_TAG, STUDY_TAG, TRIAL_ID_TAG, ensure_experiment
+from tuning.tracking import (
+    PARENT_TAG,
+    ROLE_TAG,
+    STATE_TAG,
+    STUDY_TAG,
+    TRIAL_ID_TAG,
+    ensure_experiment,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 STUDY = "registry-study"
@@ -154,7 +161,7 @@ def _subprocess_env() -> dict[str, str]:
 # -- the gate ------------------------------------------------------------------------------
 
 def test_the_gate_refuses_a_worse_model_and_leaves_the_champion_in_place(store, trained, model_name):
-    good, mid = store.register(model_name, "good", "mid")
+    good, _ = store.register(model_name, "good", "mid")
     assert promote(store.client, model_name, run_id=store.run_ids["good"])["promoted"]
 
     with pytest.raises(PromotionRefused) as refused:
@@ -200,36 +207,47 @@ def test_rollback_restores_the_previous_champion_and_a_second_rollback_undoes_it
     assert (store.alias(model_name, CHAMPION), store.alias(model_name, PREVIOUS)) == (good, mid)
 
 
-def test_two_racing_promotions_leave_exactly_one_of_the_candidates_as_champion(store, model_name):
-    mid, good, best = store.register(model_name, "mid", "good", "best")
-    promote(store.client, model_name, run_id=store.run_ids["mid"])
-    start = threading.Barrier(2)
+def _race(store: Store, model_name: str, keys: tuple[str, ...]) -> dict[str, object]:
+    """Promote the trials' versions from one thread each, released at the same instant."""
+    start = threading.Barrier(len(keys))
     outcomes: dict[str, object] = {}
 
-    def race(key: str) -> None:
+    def promoter(key: str) -> None:
         client = MlflowClient(store.uri, store.uri)  # one client per promoter, as two CLIs would
         start.wait()
         try:
             outcomes[key] = promote(client, model_name, run_id=store.run_ids[key])["promoted"]
         except PromotionRefused as exc:  # lost to the better one that got there first
             outcomes[key] = exc
-        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
-            outcomes[key] = f"crashed: {type(exc).__name__}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - reported by the caller's assertion
+            outcomes[key] = f"crashed: {type(exc).__name__}: {str(exc)[:300]}"
 
-    threads = [threading.Thread(target=race, args=(key,)) for key in ("good", "best")]
+    threads = [threading.Thread(target=promoter, args=(key,)) for key in keys]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
+    return outcomes
 
-    assert all(v is True or isinstance(v, PromotionRefused) for v in outcomes.values()), outcomes
-    aliases = store.aliases(model_name)
-    assert aliases[CHAMPION] in {good, best}
-    assert aliases[PREVIOUS] in {mid, good} and aliases[PREVIOUS] != aliases[CHAMPION]
-    # The alias resolves to one whole version whose model is really there.
-    champion = store.client.get_model_version_by_alias(model_name, CHAMPION)
-    assert str(champion.version) == aliases[CHAMPION] and champion.status == "READY"
-    assert "MLmodel" in {Path(f.path).name for f in store.client.list_artifacts(champion.run_id, "model")}
+
+def test_two_racing_promotions_leave_exactly_one_of_the_candidates_as_champion(store, model_name):
+    # A lost race shows only now and then, so race a few times, each on a fresh model.
+    for round_ in range(4):
+        name = f"{model_name}-{round_}"
+        mid, good, best = store.register(name, "mid", "good", "best")
+        promote(store.client, name, run_id=store.run_ids["mid"])
+
+        outcomes = _race(store, name, ("good", "best"))
+
+        assert all(v is True or isinstance(v, PromotionRefused) for v in outcomes.values()), outcomes
+        aliases = store.aliases(name)
+        assert aliases[CHAMPION] in {good, best}
+        assert aliases[PREVIOUS] in {mid, good} and aliases[PREVIOUS] != aliases[CHAMPION]
+        # The alias resolves to one whole version whose model is really there.
+        champion = store.client.get_model_version_by_alias(name, CHAMPION)
+        assert str(champion.version) == aliases[CHAMPION] and champion.status == "READY"
+    files = store.client.list_artifacts(champion.run_id, "model")
+    assert "MLmodel" in {Path(f.path).name for f in files}
 
 
 # -- what a version carries ------------------------------------------------------------------
@@ -259,7 +277,7 @@ def test_a_fresh_process_predicts_with_the_champion_like_the_trial_model(store, 
     proc = subprocess.run(
         [sys.executable, "-m", "tuning.cli", "predict", "--model", f"models:/{model_name}@champion",
          "--tracking-uri", store.uri, "--json", *texts],
-        capture_output=True, text=True, cwd=ROOT, env=_subprocess_env(), timeout=300,
+        capture_output=True, text=True, cwd=ROOT, env=_subprocess_env(), timeout=300, check=False,
     )
 
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -359,7 +377,7 @@ def test_cli_promote_refusing_exits_1_with_a_refused_line_naming_both_numbers(
     store.register(model_name, "good")
     assert main(["promote", "--model-name", model_name, "--tracking-uri", store.uri]) == 0
     store.register(model_name, "mid")
-    capsys.readouterr()
+    capsys.readouterr()  # MLflow's own logging while registering
 
     code = main(["promote", "--model-name", model_name, "--tracking-uri", store.uri])
 
@@ -380,6 +398,7 @@ def test_cli_promote_of_an_unknown_model_exits_2_with_one_line(store, model_name
 def test_cli_rollback_without_a_previous_champion_exits_2(store, model_name, capsys):
     store.register(model_name, "good")
     promote(store.client, model_name)
+    capsys.readouterr()  # MLflow's own logging while registering
 
     code = main(["rollback", "--model-name", model_name, "--tracking-uri", store.uri])
 
