@@ -212,7 +212,9 @@ def _train(
             encoder.model.eval()  # dropout off in the encoder: only its top layers adapt
         t0 = time.perf_counter()
         order = rng.permutation(split.train)
-        running, steps = 0.0, 0
+        # Summed on the device and read once per epoch: a per-step float() or isfinite()
+        # is a host sync that made GPU head trials launch-bound.
+        running, steps = torch.zeros((), device=device), 0
         for start in range(0, len(order), cfg.train.batch_size):
             if cfg.train.max_steps and steps >= cfg.train.max_steps:
                 break
@@ -223,24 +225,25 @@ def _train(
                 loss = compute_loss(loss_kind, scores, cos, y, head, weights, cfg.model.temperature)
                 if cfg.model.prototype_mode == "learned" and cfg.train.separation_weight > 0:
                     loss = loss + cfg.train.separation_weight * separation_loss(head.prototypes, groups)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss became {float(loss.detach())} at epoch {epoch} (diverged or non-finite inputs); "
-                    "lower train.lr")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            running += float(loss.detach())
+            running += loss.detach().float()
             steps += 1
             seen += len(b)
+        epoch_loss = float(running) / max(steps, 1)  # NaN anywhere in the epoch shows here
         train_time += time.perf_counter() - t0
+        if not math.isfinite(epoch_loss):
+            raise NonFiniteLossError(
+                f"loss became {epoch_loss} in epoch {epoch} (diverged or non-finite inputs); "
+                "lower train.lr")
 
         val_acc, val_loss, _ = evaluate(split.val)
         sep = separation(head.prototypes.detach().float().cpu().numpy(), groups.cpu().numpy())
         row = {
             M.EPOCH: float(epoch),
-            M.TRAIN_LOSS: running / max(steps, 1),
+            M.TRAIN_LOSS: epoch_loss,
             M.VAL_LOSS: val_loss,
             M.VAL_ACCURACY: val_acc,
             M.SEPARATION_MIN_ANGLE_DEG: sep["min_angle_deg"],
