@@ -108,6 +108,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 #: (key, lowest allowed, strictly greater?) for numeric bounds.
 BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("data.size", 0, False),
+    ("data.seed", 0, False),
+    ("train.seed", 0, False),
     ("data.noise", 0, False),
     ("data.val_fraction", 0, True),
     ("data.test_fraction", 0, True),
@@ -205,24 +207,31 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Defaults, then the YAML file, then `--set` overrides; validated."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found; pass an existing YAML file")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            line = getattr(getattr(exc, "problem_mark", None), "line", None)
-            where = f" (line {line + 1})" if line is not None else ""
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections/keys")
-    cfg = from_dict(tree)
-    for item in overrides:
-        _set(cfg, *parse_override(item))
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as {dotted key: value} (sections or dotted keys inside)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found; pass an existing YAML file")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections/keys")
+    return dict(_flatten(tree))
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
+                base: dict[str, Any] | None = None) -> Config:
+    """Defaults, then `base` (e.g. a study's fixed keys), the YAML file, `--set`; validated."""
+    cfg = Config()
+    layers = [base or {}, read_config_file(path) if path is not None else {},
+              dict(parse_override(item) for item in overrides)]
+    for layer in layers:
+        for key, value in layer.items():
+            _set(cfg, key, value)
     validate(cfg)
     return cfg
 

@@ -53,6 +53,10 @@ def cmd_prototypes(args: argparse.Namespace) -> dict[str, Any]:
         raise HPNInputError(f"--count: must be >= 1, got {args.count}")
     if args.dim < 2:
         raise HPNInputError(f"--dim: must be >= 2, got {args.dim}")
+    if args.seed < 0:
+        raise HPNInputError(f"--seed: must be >= 0, got {args.seed}")
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        raise HPNInputError(f"--out: folder {str(Path(args.out).parent)!r} does not exist")
     protos = fixed_prototypes(args.count, args.dim, seed=args.seed)
     stats = separation(protos)
     if args.out:
@@ -224,9 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hpn-tune {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a failure while running: one line, traceback on request
-        if type(exc).__name__ == "PromotionRefused":  # a gate decision, not a crash
-            print(f"hpn-tune {args.command}: refused: {exc}", file=sys.stderr)
-            return 1
+        code = getattr(exc, "exit_code", None)  # a decision, not a crash: refused, interrupted
+        if code is not None:
+            print(f"hpn-tune {args.command}: {getattr(exc, 'label', 'stopped')}: {exc}", file=sys.stderr)
+            return code
         if os.environ.get("HPN_TUNE_DEBUG"):
             raise
         first = str(exc).splitlines()[0] if str(exc) else ""

@@ -54,8 +54,8 @@ def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: float |
                     f"--address: the Ray cluster at {address} refused this process's token; set "
                     "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the cluster's token") from exc
             raise HPNInputError(
-                f"--address: cannot join the Ray cluster at {address}: check that it runs and that "
-                "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH holds its token") from exc
+                f"--address: cannot join the Ray cluster at {address} ({exc}): check that it runs "
+                "and that RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH holds its token") from exc
     else:
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
 
@@ -74,13 +74,14 @@ def node_tags() -> dict[str, str]:
             NODE_IP_TAG: ray.util.get_node_ip_address()}
 
 
-def _cap_cuda_memory(fraction: float) -> str:
-    """Hold a trial to its share of the card so one trial cannot starve the others."""
+def _trial_device(fraction: float, requested: str) -> str:
+    """CUDA only when Ray gave this trial a GPU share; then hold it to that share, so one
+    trial cannot starve the others (the CUDA context itself is outside the cap)."""
     import torch
 
-    if not torch.cuda.is_available():
+    if requested == "cpu" or fraction <= 0 or not ray.get_gpu_ids() or not torch.cuda.is_available():
         return "cpu"
-    if 0 < fraction < 1:
+    if fraction < 1:
         torch.cuda.set_per_process_memory_fraction(fraction)
     return "cuda"
 
@@ -91,7 +92,7 @@ def trial_fn(config: dict[str, Any], data: PreparedData, ctx: StudyContext) -> N
     cfg = from_dict(ctx.base_config).with_updates(
         {k: v for k, v in config.items() if k in ctx.searched_keys})
     trial_id = tune.get_context().get_trial_id()
-    cfg.train.device = _cap_cuda_memory(ctx.gpu_fraction)
+    cfg.train.device = _trial_device(ctx.gpu_fraction, cfg.train.device)
     run = TrialRun(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, trial_id, ctx.study,
                    {**cfg.to_flat(), "trial_id": trial_id}, node_tags())
     if run.finished_metrics is not None:
@@ -105,7 +106,7 @@ def trial_fn(config: dict[str, Any], data: PreparedData, ctx: StudyContext) -> N
     def on_epoch(epoch: int, row: dict[str, float]) -> None:
         # Report one epoch late, so the last epoch's report carries the final test metrics
         # and ASHA sees exactly `epochs` iterations.
-        run.log_metrics(row, step=epoch)
+        run.log_metrics({k: row[k] for k in M.EPOCH_METRICS}, step=epoch)
         if pending:
             tune.report(pending.pop())
         pending.append(row)
@@ -126,8 +127,9 @@ def trial_fn(config: dict[str, Any], data: PreparedData, ctx: StudyContext) -> N
         raise
     final = {**result.metrics, NUM_CLASSES_KEY: data.corpus.num_classes,
              "trial_started_at": started, "trial_ended_at": time.time()}
-    run.log_metrics({k: v for k, v in result.metrics.items() if k not in M.EPOCH_METRICS},
-                    step=cfg.train.epochs)
+    run.log_metrics({**{k: v for k, v in result.metrics.items()
+                        if k not in M.EPOCH_METRICS and k != M.EPOCH},
+                     NUM_CLASSES_KEY: data.corpus.num_classes}, step=cfg.train.epochs)
     from tuning.pyfunc import log_pyfunc
 
     log_pyfunc(run.client, run.run_id, result.model)
@@ -190,11 +192,15 @@ def _quiet_libraries() -> None:
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
 
 
-def known_trial_ids(experiment_path: str) -> set[str]:
-    """Trial ids in the study's saved Ray state: what a resume will and won't run again."""
+def trial_statuses(experiment_path: str) -> dict[str, str]:
+    """{trial id: Ray status} from the study's saved state (what a resume would run)."""
     from ray.tune import ExperimentAnalysis
 
-    return {t.trial_id for t in ExperimentAnalysis(experiment_path).trials}
+    return {t.trial_id: t.status for t in ExperimentAnalysis(experiment_path).trials}
+
+
+def can_restore(experiment_path: str) -> bool:
+    return tune.Tuner.can_restore(experiment_path)
 
 
 def experiment_path(storage_path: str, study: str) -> str:
@@ -219,9 +225,6 @@ def run_tuner(define_by_run: Any, sampler: Any, data: PreparedData, ctx: StudyCo
     _quiet_libraries()
     if resume:
         exp_path = experiment_path(settings.storage_path, ctx.study)
-        if not tune.Tuner.can_restore(exp_path):
-            raise HPNInputError(f"--resume: no study named {ctx.study!r} under {settings.storage_path}; "
-                                "check --name and --storage-path")
         return tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False).fit()
     multi = isinstance(settings.metric, list)
@@ -236,7 +239,10 @@ def run_tuner(define_by_run: Any, sampler: Any, data: PreparedData, ctx: StudyCo
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=searcher, scheduler=scheduler, num_samples=settings.trials,
-            max_concurrent_trials=settings.max_concurrent, reuse_actors=True,
+            max_concurrent_trials=settings.max_concurrent,
+            # A reused actor's peak RSS would carry the previous trial's; keep fresh actors
+            # when memory is an objective.
+            reuse_actors=not multi,
             metric=None if multi else settings.metric, mode=None if multi else settings.mode,
         ),
         run_config=tune.RunConfig(

@@ -26,6 +26,8 @@ CARD_METRICS = (M.TEST_ACCURACY, M.TEST_MACRO_F1, M.VAL_ACCURACY, M.SEPARATION_M
 class PromotionRefused(RuntimeError):
     """The candidate does not beat the champion: nothing was changed."""
 
+    exit_code, label = 1, "refused"
+
 
 def _model_card(run: Any, study: str | None) -> str:
     params = run.data.params
@@ -43,7 +45,13 @@ def _model_card(run: Any, study: str | None) -> str:
 
 
 def register_run(client: MlflowClient, run_id: str, model_name: str = DEFAULT_MODEL_NAME) -> str:
-    """Register the run's `model` artifact as a new version; returns the version number."""
+    """Register the run's `model` artifact as a new version; returns the version number.
+    A run already registered under `model_name` keeps its version (a resumed study's end)."""
+    try:
+        for version in client.search_model_versions(f"name = '{model_name}' AND run_id = '{run_id}'"):
+            return str(version.version)
+    except MlflowException:
+        pass  # no such registered model yet
     run = client.get_run(run_id)
     study = run.data.tags.get(STUDY_TAG)
     try:
@@ -110,12 +118,15 @@ def _candidate(client: MlflowClient, name: str, study: str | None, run_id: str |
         versions = client.search_model_versions(f"name = '{name}'")
     except MlflowException:
         versions = []
-    if not versions:
-        raise HPNInputError(f"--model-name: no registered model {name!r}; run a study first")
-    if run_id:
+    if run_id:  # registered here if need be, so a --no-register study's run can be promoted
         matches = [v for v in versions if v.run_id == run_id]
         if not matches:
-            return client.get_model_version(name, register_run(client, run_id, name))
+            try:
+                return client.get_model_version(name, register_run(client, run_id, name))
+            except MlflowException:
+                raise HPNInputError(f"--run-id: no run {run_id!r} with a model in this store") from None
+    elif not versions:
+        raise HPNInputError(f"--model-name: no registered model {name!r}; run a study first")
     elif study:
         matches = [v for v in versions if v.tags.get("study") == study]
         if not matches:

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 import tempfile
@@ -20,6 +21,7 @@ from hpn import metrics as M
 from hpn.config import load_config, parse_override
 from hpn.errors import HPNInputError
 from hpn.train import prepare_data
+from tuning.spaces import load_space, resolve_space_path
 
 DEFAULT_EXPERIMENT = "hpn-tune"
 SCHEDULERS = ("asha", "fifo")
@@ -112,38 +114,96 @@ def _searched_ranges(space: Any) -> dict[str, tuple[float, float]]:
     return {f"params.{p.key}": (p.low, p.high) for p in space.params if p.low is not None}
 
 
+class StudyInterrupted(RuntimeError):
+    """The study stopped before all its trials finished (Ctrl-C): resume it by name."""
+
+    exit_code, label = 130, "interrupted"
+
+
+BASE_CONFIG_TAG = "hpn.base_config"  # the resolved config a resumed study must reuse
+
+
+def _study_config(opts: StudyOptions, space: Any) -> Any:
+    """Defaults < the space's fixed keys < --config < --set (the user's explicit word wins)."""
+    base = load_config(opts.config, opts.overrides, base=space.constants)
+    searched = set(space.keys())
+    for item in opts.overrides:
+        key = parse_override(item)[0]
+        if key in searched:
+            raise HPNInputError(f"--set {key}: the search space {space.path} searches this key; "
+                                "fix it in the space file instead")
+    name = base.encoder.name
+    if Path(name).exists():  # a local encoder: trials run in another working directory
+        base.encoder.name = str(Path(name).resolve())
+    base.encoder.cache_dir = str(Path(base.encoder.cache_dir).resolve())
+    return base
+
+
+def _resume_plan(opts: StudyOptions, parent_run: Any) -> tuple[Any, Any, str, str]:
+    """A resumed study keeps its space, config, sampler and scheduler from its parent run."""
+    from hpn.config import from_dict
+
+    tags = parent_run.data.tags
+    space = load_space(tags["hpn.space_file"])
+    base = from_dict(json.loads(tags[BASE_CONFIG_TAG]))
+    if opts.space or opts.config or opts.overrides:
+        given = _study_config(opts, load_space(resolve_space_path(opts.space)))
+        same_space = not opts.space or (
+            str(resolve_space_path(opts.space).resolve()) == tags["hpn.space_file"])
+        if given.to_flat() != base.to_flat() or not same_space:
+            diff = [k for k, v in given.to_flat().items() if base.to_flat()[k] != v]
+            raise HPNInputError(
+                f"--resume: the given --space/--config/--set differ from the study's "
+                f"({', '.join(diff) or 'space file'}); drop them to resume the study as it was")
+    return space, base, tags["hpn.sampler"], tags["hpn.scheduler"]
+
+
 def run_study(opts: StudyOptions) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
     from tuning import ray_tune, tracking
     from tuning.report import best_trial, write_study_report
     from tuning.samplers import grid_size, is_multi_objective, make_sampler
-    from tuning.spaces import load_space, resolve_space_path
 
     _check(opts)
-    space_path = resolve_space_path(opts.space)
-    space = load_space(space_path)
-    # The space's constants fix keys for the study; --set on the command line still wins.
-    base = load_config(opts.config).with_updates(space.constants)
-    base = base.with_updates(dict(parse_override(o) for o in opts.overrides))
-    base.encoder.cache_dir = str(Path(base.encoder.cache_dir).resolve())  # trials chdir
     name = opts.name or time.strftime("study-%Y%m%d-%H%M%S")
     tracking_uri = tracking.resolve_tracking_uri(opts.tracking_uri)
     storage = opts.storage_path or str(Path.cwd() / "ray_results")
     if "://" not in storage:
         storage = str(Path(storage).resolve())
-    sampler = make_sampler(opts.sampler, opts.seed, space)
+    exp_path = ray_tune.experiment_path(storage, name)
+
+    # Cheap checks first: the study's name against MLflow and Ray's saved state.
+    client = MlflowClient(tracking_uri)
+    experiment_id = tracking.ensure_experiment(client, opts.experiment, tracking_uri)
+    parent = tracking.find_study_run(client, experiment_id, name)
+    if opts.resume:
+        if parent is None:
+            raise HPNInputError(f"--resume: no study named {name!r} in experiment {opts.experiment!r}")
+        if not ray_tune.can_restore(exp_path):
+            raise HPNInputError(f"--resume: no saved Ray state for {name!r} under {storage}; "
+                                "pass the --storage-path the study ran with")
+        space, base, sampler_name, scheduler = _resume_plan(opts, client.get_run(parent))
+    else:
+        if parent is not None:
+            raise HPNInputError(f"--name: a study named {name!r} already exists; pass --resume or a new name")
+        space = load_space(resolve_space_path(opts.space))
+        base, sampler_name, scheduler = _study_config(opts, space), opts.sampler, opts.scheduler
+    multi = is_multi_objective(sampler_name)
+    scheduler = "fifo" if multi else scheduler  # ASHA stops on one metric only
+    sampler = make_sampler(sampler_name, opts.seed, space)
     trials = opts.trials
-    if opts.sampler == "grid":
+    if sampler_name == "grid":
         trials = min(trials, grid_size(space))  # past the grid, Optuna repeats points
 
     ray_tune.init_ray(opts.address)
-    if opts.address and ray_tune.is_multi_node():
+    remote = bool(opts.address) and (opts.address.startswith("ray://") or ray_tune.is_multi_node())
+    if remote:
         # Trials run on other machines: they must reach the tracking store and the storage.
         if tracking.is_local_store(tracking_uri):
             raise HPNInputError(
                 f"--tracking-uri: {tracking_uri} is local to this machine, but trials run on a "
-                "multi-node Ray cluster; give an MLflow server URI (http://host:5000)")
+                "Ray cluster; give an MLflow server URI (http://host:5000)")
         if not opts.storage_path:
             raise HPNInputError(
                 "--storage-path: trials run on a multi-node Ray cluster; give a path every node "
@@ -155,53 +215,63 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
         raise HPNInputError("--gpus-per-trial: the Ray cluster has no GPU; drop the flag to run on CPU")
 
     data = prepare_data(base, progress=opts.progress)
-    client = MlflowClient(tracking_uri)
-    experiment_id = tracking.ensure_experiment(client, opts.experiment, tracking_uri)
-    parent = tracking.find_study_run(client, experiment_id, name)
-    if opts.resume and parent is None:
-        raise HPNInputError(f"--resume: no MLflow study run named {name!r} in experiment {opts.experiment!r}")
-    if parent is not None and not opts.resume:
-        raise HPNInputError(f"--name: a study named {name!r} already exists; pass --resume or a new name")
     if parent is None:
         parent = client.create_run(experiment_id, run_name=name, tags={
             tracking.STUDY_TAG: name, tracking.ROLE_TAG: "study",
-            "hpn.space_file": str(space_path), "hpn.sampler": opts.sampler,
-            "hpn.scheduler": opts.scheduler, "hpn.dataset_fingerprint": data.fingerprint,
+            "hpn.space_file": str(Path(space.path).resolve()), "hpn.sampler": sampler_name,
+            "hpn.scheduler": scheduler, "hpn.dataset_fingerprint": data.fingerprint,
             "hpn.code_version": tracking.code_version(),
             "hpn.command": " ".join(shlex.quote(a) for a in sys.argv),
+            BASE_CONFIG_TAG: json.dumps(base.to_dict()),
             "mlflow.note.content": space.summary,
         }).info.run_id
         for key, value in sorted(base.to_flat().items()):
             client.log_param(parent, key, str(value))
-        client.log_artifact(parent, str(space_path), "space")
+        client.log_artifact(parent, str(space.path), "space")
     else:
+        stored = client.get_run(parent).data.tags.get("hpn.dataset_fingerprint")
+        if stored != data.fingerprint:
+            raise HPNInputError(f"--resume: the data changed since study {name!r} started "
+                                "(dataset fingerprint differs); start a new study")
         client.update_run(parent, status="RUNNING")
 
-    multi = is_multi_objective(opts.sampler)
     memory_metric = M.PEAK_VRAM_MB if gpus > 0 else M.PEAK_RSS_MB
     ctx = ray_tune.StudyContext(name, tracking_uri, experiment_id, parent, base.to_dict(), gpus,
                                 tuple(space.keys()))
     settings = ray_tune.TuneSettings(
         trials=trials, max_concurrent=opts.max_concurrent, cpus_per_trial=opts.cpus_per_trial,
-        gpus_per_trial=gpus, scheduler=opts.scheduler, storage_path=storage,
+        gpus_per_trial=gpus, scheduler=scheduler, storage_path=storage,
         metric=[M.VAL_ACCURACY, memory_metric] if multi else M.VAL_ACCURACY,
         mode=["max", "min"] if multi else "max", epochs=base.train.epochs,
     )
     started = time.time()
-    ray_tune.run_tuner(space.define_by_run(), sampler, data, ctx, settings, opts.resume)
+    try:
+        ray_tune.run_tuner(space.define_by_run(), sampler, data, ctx, settings, opts.resume)
+    except BaseException as exc:
+        client.set_terminated(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
     wall = time.time() - started
-    _mark_lost_trials(client, experiment_id, parent,
-                      ray_tune.known_trial_ids(ray_tune.experiment_path(storage, name)))
+    statuses = ray_tune.trial_statuses(exp_path)
+    _mark_lost_trials(client, experiment_id, parent, set(statuses))
+    finished = sum(s in ("TERMINATED", "ERROR") for s in statuses.values())
+    if finished < trials:  # Ray's fit() returns normally after a Ctrl-C
+        client.set_terminated(parent, "KILLED")
+        raise StudyInterrupted(
+            f"study {name!r} stopped with {finished} of {trials} trials finished; continue it "
+            f"with: hpn-tune run --name {name} --resume" +
+            (f" --storage-path {opts.storage_path}" if opts.storage_path else ""))
 
-    trials = trials_frame(client, experiment_id, parent)
+    trials_df = trials_frame(client, experiment_id, parent)
+    searched = [f"params.{k}" for k in space.keys()]
+    plotted = trials_df[[c for c in trials_df.columns if not c.startswith("params.") or c in searched]]
     with tempfile.TemporaryDirectory() as tmp:
-        write_study_report(trials, tmp, M.VAL_ACCURACY, memory_metric if multi else None,
+        write_study_report(plotted, tmp, M.VAL_ACCURACY, memory_metric if multi else None,
                            _searched_ranges(space))
         client.log_artifacts(parent, tmp, "report")
         (Path(tmp) / "base_config.yaml").write_text(yaml.safe_dump(base.to_dict(), sort_keys=False))
         client.log_artifact(parent, str(Path(tmp) / "base_config.yaml"))
-    states = trials["state"].value_counts().to_dict() if not trials.empty else {}
-    best = best_trial(trials, M.VAL_ACCURACY)
+    states = trials_df["state"].value_counts().to_dict() if not trials_df.empty else {}
+    best = best_trial(trials_df, M.VAL_ACCURACY)
     summary: dict[str, Any] = {
         "study": name,
         "experiment": opts.experiment,
@@ -217,8 +287,8 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
     }
     if best is not None:
         summary.update({
-            "best_config": {k[len("params."):]: _plain(best[k]) for k in trials.columns
-                            if k.startswith("params.") and k[len("params."):] in space.keys()},
+            "best_config": {k[len("params."):]: _plain(best[k]) for k in searched if k in best.index
+                            and not pd.isna(best[k])},
             "best_val_accuracy": float(best[M.VAL_ACCURACY]),
             "best_test_accuracy": float(best[M.TEST_ACCURACY]),
             "best_run_id": best["run_id"],
@@ -226,7 +296,7 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
         client.log_metric(parent, "best_val_accuracy", summary["best_val_accuracy"])
         client.log_metric(parent, "best_test_accuracy", summary["best_test_accuracy"])
         client.set_tag(parent, "hpn.best_run_id", best["run_id"])
-    for key in ("trials_completed", "trials_pruned", "trials_errored"):
+    for key in ("trials_completed", "trials_pruned", "trials_errored", "trials_lost"):
         client.log_metric(parent, key, summary[key])
     client.set_terminated(parent, "FINISHED")
     if opts.register and best is not None:

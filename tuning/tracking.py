@@ -118,6 +118,9 @@ class TrialRun:
                 self.finished_metrics = dict(existing[0].data.metrics)
                 return
             self.client.update_run(self.run_id, status="RUNNING")
+            for stale in (STATE_TAG, "hpn.error"):  # from the interrupted attempt
+                if stale in existing[0].data.tags:
+                    self.client.delete_tag(self.run_id, stale)
             # A resumed trial may run on another node than its first attempt did.
             self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in where.items()])
         else:

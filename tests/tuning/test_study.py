@@ -139,3 +139,37 @@ def test_a_killed_study_resumes_without_running_or_logging_a_trial_twice(
     assert len(set(finished) & set(by_id)) >= 1
     studies = client.search_runs([exp_id], "tags.`hpn.role` = 'study'")
     assert len(studies) == 1
+
+
+def test_a_set_on_a_searched_key_is_refused_before_anything_starts(tmp_path, cache_dir):
+    from hpn.errors import HPNInputError
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(HPNInputError, match="--set train.lr: the search space"):
+        run_study(options(tmp_path, cache_dir, uri, "conflict", overrides=["train.lr=0.1"]))
+
+
+def test_ctrl_c_stops_the_study_as_interrupted_and_points_to_resume(
+        tmp_path, cache_dir, ray_runtime):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = [sys.executable, "-m", "tuning.cli", "run", "--space", "quick", "--trials", "20",
+            "--max-concurrent", "1", "--name", "ctrl-c", "--tracking-uri", uri,
+            "--storage-path", str(tmp_path / "ray"), "--address", ray_runtime,
+            "--scheduler", "fifo", "--no-register", "--set", "data.size=600",
+            "--set", f"encoder.cache_dir={cache_dir}", "--set", "train.epochs=20"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = MlflowClient(uri)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        time.sleep(1)
+        exp = client.get_experiment_by_name("hpn-tune")
+        if exp and client.search_runs([exp.experiment_id], f"tags.`{STATE_TAG}` = 'completed'"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "hpn-tune run --name ctrl-c --resume" in err.strip().splitlines()[-1]
+    study = client.search_runs([client.get_experiment_by_name("hpn-tune").experiment_id],
+                               "tags.`hpn.role` = 'study'")[0]
+    assert study.info.status == "KILLED"
+    assert "best_val_accuracy" not in study.data.metrics  # no report, no registration
