@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: venv
 	$(VENV)/bin/hpn-tune run --space search_spaces/default.yaml --trials 12 --max-concurrent 2 \
-		--name demo --set train.epochs=15
+		--name demo-$$(date +%Y%m%d-%H%M%S) --set train.epochs=15
 
 test: venv
 	$(PY) -m pytest -q
