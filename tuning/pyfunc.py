@@ -46,6 +46,10 @@ try:
     import mlflow.pyfunc
 
     class HPNPyfunc(mlflow.pyfunc.PythonModel):
+        # The signature documents the schema and predict() takes a DataFrame, Series or list,
+        # so MLflow's type-hint validation (and its warning on every import) is not wanted.
+        _skip_type_hint_validation = True
+
         def load_context(self, context: Any) -> None:
             self.model = HPNClassifier.load(context.artifacts["hpn"])
 
