@@ -158,6 +158,23 @@ def _resume_plan(opts: StudyOptions, parent_run: Any) -> tuple[Any, Any, str, st
     return space, base, tags["hpn.sampler"], tags["hpn.scheduler"]
 
 
+def _check_cluster_reach(opts: StudyOptions, tracking_uri: str) -> None:
+    """On a Ray cluster trials run on other machines: they must reach the tracking store and
+    the study's storage. Needs Ray initialised."""
+    from tuning import ray_tune, tracking
+
+    if not opts.address or not (opts.address.startswith("ray://") or ray_tune.is_multi_node()):
+        return
+    if tracking.is_local_store(tracking_uri):
+        raise HPNInputError(
+            f"--tracking-uri: {tracking_uri} is local to this machine, but trials run on a "
+            "Ray cluster; give an MLflow server URI (http://host:5000)")
+    if not opts.storage_path:
+        raise HPNInputError(
+            "--storage-path: trials run on a multi-node Ray cluster; give a path every node "
+            "sees (e.g. /shared/ray_results on NFS) or a URI (s3://bucket/ray_results)")
+
+
 def run_study(opts: StudyOptions) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
@@ -173,6 +190,10 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
         storage = str(Path(storage).resolve())
     exp_path = ray_tune.experiment_path(storage, name)
 
+    if opts.address and tracking.is_local_store(tracking_uri):
+        # Refuse before MLflow creates a local store that the cluster could not use anyway.
+        ray_tune.init_ray(opts.address)
+        _check_cluster_reach(opts, tracking_uri)
     # Cheap checks first: the study's name against MLflow and Ray's saved state.
     client = MlflowClient(tracking_uri)
     experiment_id = tracking.ensure_experiment(client, opts.experiment, tracking_uri)
@@ -197,17 +218,7 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
         trials = min(trials, grid_size(space))  # past the grid, Optuna repeats points
 
     ray_tune.init_ray(opts.address)
-    remote = bool(opts.address) and (opts.address.startswith("ray://") or ray_tune.is_multi_node())
-    if remote:
-        # Trials run on other machines: they must reach the tracking store and the storage.
-        if tracking.is_local_store(tracking_uri):
-            raise HPNInputError(
-                f"--tracking-uri: {tracking_uri} is local to this machine, but trials run on a "
-                "Ray cluster; give an MLflow server URI (http://host:5000)")
-        if not opts.storage_path:
-            raise HPNInputError(
-                "--storage-path: trials run on a multi-node Ray cluster; give a path every node "
-                "sees (e.g. /shared/ray_results on NFS) or a URI (s3://bucket/ray_results)")
+    _check_cluster_reach(opts, tracking_uri)
     gpus = opts.gpus_per_trial
     if gpus is None:
         gpus = 0.25 if ray_tune.cluster_gpus() > 0 else 0.0
