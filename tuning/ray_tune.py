@@ -54,7 +54,8 @@ def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: float |
                     f"--address: the Ray cluster at {address} refused this process's token; set "
                     "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the cluster's token") from exc
             raise HPNInputError(
-                f"--address: cannot join the Ray cluster at {address} ({exc}): check that it runs "
+                f"--address: cannot join the Ray cluster at {address} "
+                f"({str(exc).strip().splitlines()[0][:160]}): check that it runs "
                 "and that RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH holds its token") from exc
     else:
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
