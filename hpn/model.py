@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hpn.config import EncoderConfig, ModelConfig
-from hpn.encode import TextEncoder, embed, pick_device
+from hpn.encode import TextEncoder, embed
 from hpn.prototypes import fixed_prototypes, group_ids
 
 WEIGHTS_FILE = "model.safetensors"
@@ -141,7 +141,3 @@ class HPNClassifier(nn.Module):
     def predict(self, texts: list[str]) -> tuple[list[str], np.ndarray]:
         scores = self.predict_scores(texts)
         return [self.label_names[i] for i in scores.argmax(1)], scores
-
-
-def load_classifier(directory: str | Path, device: str = "auto") -> HPNClassifier:
-    return HPNClassifier.load(directory, pick_device(device))

@@ -40,7 +40,7 @@ class StudyContext:
     # already in base_config with --set applied on top
 
 
-def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: float | None = None) -> None:
+def init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
@@ -58,7 +58,7 @@ def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: float |
                 f"({str(exc).strip().splitlines()[0][:160]}): check that it runs "
                 "and that RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH holds its token") from exc
     else:
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+        ray.init(**kwargs)
 
 
 def cluster_gpus() -> float:

@@ -29,7 +29,7 @@ class PromotionRefused(RuntimeError):
     exit_code, label = 1, "refused"
 
 
-def _model_card(run: Any, study: str | None) -> str:
+def _model_card(run: Any, study: str | None, fingerprint: str) -> str:
     params = run.data.params
     lines = [
         f"HPN persona classifier from study `{study}`, trial `{run.data.tags.get(TRIAL_ID_TAG)}`.",
@@ -38,7 +38,7 @@ def _model_card(run: Any, study: str | None) -> str:
         f"{params.get('model.prototype_mode')} prototypes, dimension {params.get('model.prototype_dim')}, "
         f"{params.get('model.prototypes_per_class')} per class.",
         "Metrics: " + ", ".join(f"{k} {run.data.metrics[k]:.4f}" for k in CARD_METRICS if k in run.data.metrics),
-        f"Data: {params.get('data.source')} (fingerprint {run.data.tags.get('hpn.dataset_fingerprint', '?')[:12]}).",
+        f"Data: {params.get('data.source')} (fingerprint {fingerprint[:12] or '?'}).",
         "Input: a column `text` of raw persona descriptions. Output: `label`, `score`, `score_<class>`.",
     ]
     return "\n".join(lines)
@@ -64,7 +64,6 @@ def register_run(client: MlflowClient, run_id: str, model_name: str = DEFAULT_MO
             pass  # created concurrently by another study
     parent = run.data.tags.get("mlflow.parentRunId")
     fingerprint = client.get_run(parent).data.tags.get("hpn.dataset_fingerprint", "") if parent else ""
-    run.data.tags["hpn.dataset_fingerprint"] = fingerprint
     tags = {
         "study": study or "", "trial": run.data.tags.get(TRIAL_ID_TAG, ""),
         "dataset_fingerprint": fingerprint,
@@ -73,7 +72,7 @@ def register_run(client: MlflowClient, run_id: str, model_name: str = DEFAULT_MO
     tags.update({f"metric.{k}": f"{v:.6f}" for k, v in run.data.metrics.items() if k in CARD_METRICS})
     version = client.create_model_version(
         model_name, source=f"{run.info.artifact_uri}/{MODEL_ARTIFACT}", run_id=run_id,
-        tags=tags, description=_model_card(run, study),
+        tags=tags, description=_model_card(run, study, fingerprint),
     )
     return str(version.version)
 
