@@ -47,6 +47,8 @@ class EncoderConfig:
 class ModelConfig:
     prototype_dim: int = 64
     prototypes_per_class: int = 1
+    prototype_count: int = 0  # total prototypes (the seed's num_prototypes); 0 = classes x per class
+    prototype_assignment: str = "per_class"  # per_class | extra_negatives (the seed: C + rest)
     prototype_mode: str = "fixed"  # fixed (the paper) | learned (the seed project)
     loss: str = "auto"  # auto | squared_cosine | cross_entropy
     temperature: float = 0.1  # cosine scale for cross-entropy
@@ -100,6 +102,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.labels": ("column", "keywords", "elite_domain"),
     "encoder.pooling": ("mean", "cls"),
     "model.prototype_mode": ("fixed", "learned"),
+    "model.prototype_assignment": ("per_class", "extra_negatives"),
     "model.loss": ("auto", "squared_cosine", "cross_entropy"),
     "train.optimizer": ("sgd", "adam"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -118,6 +121,7 @@ BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("encoder.batch_size", 1, False),
     ("model.prototype_dim", 2, False),
     ("model.prototypes_per_class", 1, False),
+    ("model.prototype_count", 0, False),
     ("model.temperature", 0, True),
     ("train.epochs", 1, False),
     ("train.batch_size", 1, False),
@@ -207,11 +211,28 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
+
+
+def available_presets() -> list[str]:
+    return sorted(f.stem for f in PRESETS_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A YAML file, or a preset's bare name (`seed` -> presets/seed.yaml)."""
+    p = Path(path).expanduser()
+    if p.is_file() or len(p.parts) > 1 or p.suffix in (".yaml", ".yml"):
+        return p
+    preset = PRESETS_DIR / f"{p.name}.yaml"
+    return preset if preset.is_file() else p
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A YAML config file as {dotted key: value} (sections or dotted keys inside)."""
-    p = Path(path)
+    """A YAML config file (or preset name) as {dotted key: value} (sections or dotted keys)."""
+    p = resolve_config_path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} not found; pass an existing YAML file")
+        raise ConfigError(f"config file {str(p)!r} not found; pass an existing YAML file or a "
+                          f"preset ({', '.join(available_presets())})")
     try:
         tree = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -251,6 +272,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.val_fraction + data.test_fraction: must be < 0.9 to leave a training split")
     if flat["data.noise"] >= 1:
         raise ConfigError(f"data.noise: must be < 1, got {flat['data.noise']!r}")
+    if flat["model.prototype_count"] > 0 and flat["model.prototypes_per_class"] != 1:
+        raise ConfigError(
+            "model.prototype_count: set either the total count or model.prototypes_per_class, "
+            f"not both (got {flat['model.prototype_count']} and {flat['model.prototypes_per_class']})")
+    if flat["model.prototype_assignment"] == "extra_negatives" and flat["model.prototype_count"] == 0:
+        raise ConfigError("model.prototype_assignment=extra_negatives: needs model.prototype_count "
+                          "(the total, e.g. 100); set it")
+    if flat["model.prototype_assignment"] == "extra_negatives" and flat["model.loss"] == "squared_cosine":
+        raise ConfigError("model.loss=squared_cosine: pulls each text to its class's prototype only, "
+                          "so extra negatives would never train; use model.loss=cross_entropy")
     if flat["data.source"] == "file" and not flat["data.path"]:
         raise ConfigError("data.path: required when data.source=file; set it to a JSONL, CSV or Parquet file")
     if flat["data.source"] == "synthetic" and flat["data.size"] < 100:

@@ -15,6 +15,8 @@ RUNTIME_S = "runtime_s"
 TRAIN_SAMPLES_PER_S = "train_samples_per_s"
 PEAK_VRAM_MB = "peak_vram_mb"
 PEAK_RSS_MB = "peak_rss_mb"
+#: The trial process's whole device footprint as nvidia-smi shows it (CUDA context included).
+PEAK_VRAM_PROCESS_MB = "peak_vram_process_mb"
 MAJORITY_BASELINE_ACCURACY = "majority_baseline_accuracy"
 EPOCH = "epoch"
 

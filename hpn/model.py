@@ -1,7 +1,7 @@
 """The HPN: a projection head onto the unit hypersphere scored against class prototypes.
 
-Prototypes are laid out class-major, `count = num_classes x per_class`; a class's score is
-its best prototype's cosine. A saved model is a safetensors file plus a JSON file, so
+Prototypes are laid out class-major (`hpn.prototypes.prototype_classes` says which class owns
+each; extra negatives own none); a class's score is its best prototype's cosine. A saved model is a safetensors file plus a JSON file, so
 loading one never unpickles arbitrary objects.
 """
 from __future__ import annotations
@@ -18,41 +18,65 @@ from torch import nn
 
 from hpn.config import EncoderConfig, ModelConfig
 from hpn.encode import TextEncoder, embed
-from hpn.prototypes import fixed_prototypes, group_ids
+from hpn.prototypes import fixed_prototypes, prototype_classes
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "hpn_model.json"
 
 
+def head_classes(num_classes: int, cfg: ModelConfig) -> np.ndarray:
+    """(count,) class of each prototype for this config (NO_CLASS = extra negative)."""
+    return prototype_classes(num_classes, cfg.prototypes_per_class, cfg.prototype_count,
+                             cfg.prototype_assignment)
+
+
 class PrototypeHead(nn.Module):
     def __init__(self, in_dim: int, num_classes: int, cfg: ModelConfig, prototypes: np.ndarray) -> None:
         super().__init__()
-        self.num_classes, self.per_class = num_classes, cfg.prototypes_per_class
+        classes = head_classes(num_classes, cfg)
+        self.num_classes = num_classes
+        #: the seed's softmax runs over every prototype (extra negatives included)
+        self.logits_over_prototypes = cfg.prototype_assignment == "extra_negatives"
         self.proj = nn.Linear(in_dim, cfg.prototype_dim)
         protos = F.normalize(torch.as_tensor(prototypes, dtype=torch.float32), dim=-1)
         if cfg.prototype_mode == "learned":
             self.prototypes = nn.Parameter(protos)
         else:
             self.register_buffer("prototypes", protos)
-        self.register_buffer("groups", torch.as_tensor(group_ids(num_classes, self.per_class)))
+        self.register_buffer("groups", torch.as_tensor(classes))
+        # Which pairs separation pushes apart: prototypes of different classes; with extra
+        # negatives (the seed's loss) every prototype is its own group. Derived from the
+        # config, so not saved.
+        rivals = np.arange(len(classes)) if self.logits_over_prototypes else classes
+        self.register_buffer("rivals", torch.as_tensor(rivals), persistent=False)
+        owned = torch.as_tensor(classes >= 0)
+        self.register_buffer("owned", owned, persistent=False)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.proj(x).float(), dim=-1)  # (batch, d) on the sphere
 
     def cosines(self, z: torch.Tensor) -> torch.Tensor:
-        return z @ F.normalize(self.prototypes.float(), dim=-1).T  # (batch, C*k)
+        return z @ F.normalize(self.prototypes.float(), dim=-1).T  # (batch, count)
+
+    def class_scores(self, cos: torch.Tensor) -> torch.Tensor:
+        """(batch, count) prototype cosines -> (batch, C): each class's best prototype."""
+        owned = cos[:, self.owned]  # (batch, owned count)
+        index = self.groups[self.owned].expand(len(cos), -1)
+        scores = cos.new_full((len(cos), self.num_classes), float("-inf"))
+        return scores.scatter_reduce(1, index, owned, reduce="amax", include_self=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (class scores (batch, C), prototype cosines (batch, C*k))."""
+        """-> (class scores (batch, C), prototype cosines (batch, count))."""
         cos = self.cosines(self.embed(x))
-        return cos.view(len(cos), self.num_classes, self.per_class).amax(-1), cos
+        return self.class_scores(cos), cos
 
 
 def initial_prototypes(num_classes: int, cfg: ModelConfig, seed: int, cache_dir: str | None) -> np.ndarray:
-    count = num_classes * cfg.prototypes_per_class
+    count = len(head_classes(num_classes, cfg))
     if cfg.prototype_mode == "fixed":
         return fixed_prototypes(count, cfg.prototype_dim, seed=seed, cache_dir=cache_dir)
-    # The seed project's learned prototypes start random and are pushed apart during training.
+    # The seed project's learned prototypes start random-normal and are pushed apart during
+    # training (and put back on the sphere after every optimiser step).
     rng = np.random.default_rng(seed)
     return rng.standard_normal((count, cfg.prototype_dim)).astype(np.float32)
 
@@ -107,7 +131,7 @@ class HPNClassifier(nn.Module):
         src = Path(directory)
         meta = ModelMeta(**json.loads((src / META_FILE).read_text()))
         model_cfg, encoder_cfg = ModelConfig(**meta.model), EncoderConfig(**meta.encoder)
-        count = len(meta.label_names) * model_cfg.prototypes_per_class
+        count = len(head_classes(len(meta.label_names), model_cfg))
         head = PrototypeHead(
             meta.in_dim, len(meta.label_names), model_cfg, np.ones((count, model_cfg.prototype_dim))
         )

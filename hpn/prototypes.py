@@ -1,8 +1,11 @@
 """Class prototypes on the unit hypersphere, placed as far apart as possible.
 
 Layout: prototypes are class-major. With C classes and k prototypes per class there are C*k
-prototypes and prototype j belongs to class j // k (`group_ids(C, k)`), so the model reshapes
-its scores (batch, C*k) -> (batch, C, k) and takes the max over k.
+prototypes and prototype j belongs to class j // k (`group_ids(C, k)`). A total count
+(`model.prototype_count`, the seed project's `num_prototypes`) maps to classes by one of two
+rules (`prototype_classes`): `per_class` splits it evenly, the first `count % C` classes taking
+one more; `extra_negatives` (the seed's) gives prototype c to class c and leaves the rest to no
+class, as extra negatives in the softmax. A class scores its best prototype.
 
 `fixed_prototypes` places them before training (the paper's fixed prototypes). The optimum is
 known in closed form while count <= 2*dim: a regular simplex (count <= dim + 1) and then a
@@ -27,7 +30,11 @@ import torch.nn.functional as F
 
 from hpn.errors import ConfigError
 
-__all__ = ["fixed_prototypes", "group_ids", "separation", "separation_loss"]
+__all__ = ["NO_CLASS", "fixed_prototypes", "group_ids", "prototype_classes", "separation",
+           "separation_loss"]
+
+#: The class id of an extra-negative prototype (it belongs to no class).
+NO_CLASS = -1
 
 
 def group_ids(num_classes: int, per_class: int) -> np.ndarray:
@@ -37,6 +44,36 @@ def group_ids(num_classes: int, per_class: int) -> np.ndarray:
             f"num_classes ({num_classes}) and model.prototypes_per_class ({per_class}) must be >= 1"
         )
     return np.repeat(np.arange(num_classes, dtype=np.int64), per_class)
+
+
+def prototype_classes(
+    num_classes: int, per_class: int = 1, count: int = 0, assignment: str = "per_class"
+) -> np.ndarray:
+    """(count,) class id of each prototype, NO_CLASS for an extra negative.
+
+    `count` 0 means `num_classes x per_class`. With a total count, `per_class` gives every
+    class `count // C` prototypes and the first `count % C` classes one more (so the total is
+    the one asked for: the seed grid's 50 over 14 classes is 4 x 8 + 3 x 6); `extra_negatives`
+    gives prototype c to class c (c < C) and no class to the rest.
+    """
+    if count <= 0 and assignment == "extra_negatives":
+        raise ConfigError(
+            "model.prototype_assignment=extra_negatives needs model.prototype_count (the total "
+            "number of prototypes, e.g. 100); set it"
+        )
+    if count <= 0:
+        return group_ids(num_classes, per_class)
+    if count < num_classes:
+        raise ConfigError(
+            f"model.prototype_count={count} is below the corpus's {num_classes} classes; every "
+            f"class needs a prototype, so use >= {num_classes}"
+        )
+    if assignment == "extra_negatives":
+        rest = np.full(count - num_classes, NO_CLASS, dtype=np.int64)
+        return np.concatenate([np.arange(num_classes, dtype=np.int64), rest])
+    sizes = np.full(num_classes, count // num_classes)
+    sizes[: count % num_classes] += 1
+    return np.repeat(np.arange(num_classes, dtype=np.int64), sizes)
 
 
 def separation(

@@ -6,7 +6,6 @@ only `tuning/` turns `on_epoch` into a Tune report.
 from __future__ import annotations
 
 import math
-import resource
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from hpn import metrics as M
 from hpn.config import Config
 from hpn.data import Corpus, Split, load_corpus
 from hpn.encode import TextEncoder, encode_texts, pick_device
+from hpn.memory import PeakMemory
 from hpn.model import HPNClassifier, PrototypeHead, initial_prototypes
 from hpn.prototypes import separation, separation_loss
 
@@ -59,12 +59,14 @@ def prepare_data(cfg: Config, progress: bool = False) -> PreparedData:
     return PreparedData(corpus, split, features)
 
 
-def resolve_loss(cfg: Config) -> str:
+def resolve_loss(cfg: Config, num_classes: int | None = None) -> str:
     if cfg.model.loss != "auto":
         return cfg.model.loss
     # The paper's squared-cosine loss is defined for one fixed prototype per class.
-    single_fixed = cfg.model.prototype_mode == "fixed" and cfg.model.prototypes_per_class == 1
-    return "squared_cosine" if single_fixed else "cross_entropy"
+    count = cfg.model.prototype_count
+    one_each = (cfg.model.prototype_assignment == "per_class" and cfg.model.prototypes_per_class == 1
+                and (count == 0 or count == num_classes))
+    return "squared_cosine" if cfg.model.prototype_mode == "fixed" and one_each else "cross_entropy"
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -78,18 +80,20 @@ def compute_loss(
     weights: torch.Tensor | None, temperature: float,
 ) -> torch.Tensor:
     if kind == "squared_cosine":
-        target_cos = cos.gather(1, (y * head.per_class).unsqueeze(1)).squeeze(1)  # (batch,)
+        # Pull each text to its class's nearest prototype (the class score), so that with
+        # several prototypes per class each one can win texts; pulling to a fixed one would
+        # leave the others dead.
+        target_cos = scores.gather(1, y.unsqueeze(1)).squeeze(1)  # (batch,)
         per_sample = (1 - target_cos) ** 2
         w = weights[y] if weights is not None else torch.ones_like(per_sample)
         return (per_sample * w).sum() / w.sum()
+    if head.logits_over_prototypes:
+        # The seed's softmax: every prototype is a logit, class c's prototype is index c and
+        # the rest are extra negatives that are never a target.
+        if weights is not None:
+            weights = torch.cat([weights, weights.new_ones(cos.shape[1] - len(weights))])
+        return F.cross_entropy(cos / temperature, y, weight=weights)
     return F.cross_entropy(scores / temperature, y, weight=weights)
-
-
-def _peak_memory(device: torch.device) -> dict[str, float]:
-    if device.type == "cuda":
-        return {M.PEAK_VRAM_MB: torch.cuda.max_memory_allocated(device) / 2**20}
-    # ru_maxrss is the process's high-water mark in KiB on Linux (a real peak, not a sample).
-    return {M.PEAK_RSS_MB: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def _macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
@@ -141,18 +145,20 @@ def train(
     # hand-offs cost more than they save (measured 0.21 s vs 5.9 s per 7,000-text epoch
     # with 1 vs 2 threads on a busy 2-core machine), so it trains on one thread.
     head_only_cpu = device.type == "cpu" and cfg.encoder.trainable_layers == 0
-    with _cpu_threads(1 if head_only_cpu else None):
-        return _train(cfg, data, on_epoch, device)
+    # The peak is this run's own (Ray reuses trial processes; see hpn/memory.py). The `with`
+    # ends the tracker, and its sampler thread if any, also when training raises (SystemExit
+    # from a Ray report included); the window starts where _train starts, after data prep.
+    with _cpu_threads(1 if head_only_cpu else None), PeakMemory(device) as memory:
+        return _train(cfg, data, on_epoch, device, memory)
 
 
 def _train(
     cfg: Config, data: PreparedData, on_epoch: EpochCallback | None, device: torch.device,
+    memory: PeakMemory,
 ) -> TrainResult:
     started = time.perf_counter()
     corpus, split = data.corpus, data.split
     torch.manual_seed(cfg.train.seed)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
     # -- model ------------------------------------------------------------------------------
     encoder = None
@@ -184,10 +190,11 @@ def _train(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if use_amp else nullcontext
 
-    loss_kind = resolve_loss(cfg)
+    loss_kind = resolve_loss(cfg, corpus.num_classes)
     train_labels = corpus.labels[split.train]
     weights = class_weights(train_labels, corpus.num_classes).to(device) if cfg.train.class_weights else None
-    groups = head.groups
+    rivals = head.rivals  # the pairs separation pushes apart
+    learned = cfg.model.prototype_mode == "learned"
 
     def evaluate(idx: np.ndarray) -> tuple[float, float, np.ndarray]:
         model.eval()
@@ -223,12 +230,15 @@ def _train(
             with autocast():
                 scores, cos = head(batches.inputs(b))
                 loss = compute_loss(loss_kind, scores, cos, y, head, weights, cfg.model.temperature)
-                if cfg.model.prototype_mode == "learned" and cfg.train.separation_weight > 0:
-                    loss = loss + cfg.train.separation_weight * separation_loss(head.prototypes, groups)
+                if learned and cfg.train.separation_weight > 0:
+                    loss = loss + cfg.train.separation_weight * separation_loss(head.prototypes, rivals)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
+            if learned:  # back onto the sphere after every step, as the seed project does
+                with torch.no_grad():
+                    head.prototypes.copy_(F.normalize(head.prototypes.float(), dim=-1))
             running += loss.detach().float()
             steps += 1
             seen += len(b)
@@ -240,7 +250,7 @@ def _train(
                 "lower train.lr")
 
         val_acc, val_loss, _ = evaluate(split.val)
-        sep = separation(head.prototypes.detach().float().cpu().numpy(), groups.cpu().numpy())
+        sep = separation(head.prototypes.detach().float().cpu().numpy(), rivals.cpu().numpy())
         row = {
             M.EPOCH: float(epoch),
             M.TRAIN_LOSS: epoch_loss,
@@ -263,7 +273,7 @@ def _train(
         M.MAJORITY_BASELINE_ACCURACY: float(np.mean(corpus.labels[split.test] == majority)),
         M.RUNTIME_S: time.perf_counter() - started,
         M.TRAIN_SAMPLES_PER_S: seen / train_time if train_time > 0 else math.nan,
-        **_peak_memory(device),
+        **memory.stop(),
     })
     model.eval()
     return TrainResult(final, model, history)

@@ -108,3 +108,74 @@ def test_the_installed_command_shows_no_traceback_on_bad_input():
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip() == "hpn-tune train: error: train.lr: must be > 0, got 0.0"
+
+
+def test_data_json_summarises_the_synthetic_corpus_without_an_encoder(capsys):
+    from hpn.config import load_config
+    from hpn.data import load_corpus
+
+    code, out, err = run_cli(capsys, "data", "--set", "data.size=300", "--json")
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    corpus = load_corpus(load_config(None, ["data.size=300"]).data)
+    assert (summary["source"], summary["labels"], summary["size"]) == ("synthetic", "synthetic", 300)
+    assert sum(summary["label_counts"].values()) == summary["size"]
+    assert summary["num_classes"] == corpus.num_classes
+    assert summary["fingerprint"] == corpus.fingerprint()
+    assert sum(summary["split"].values()) == 300
+    assert f"fingerprint  {corpus.fingerprint()}" in out  # the human summary says it too
+
+
+def test_data_output_writes_the_corpus_as_text_label_rows(capsys, tmp_path):
+    from hpn.config import load_config
+    from hpn.data import load_corpus
+
+    out_file = tmp_path / "labels.jsonl"
+    code, out, err = run_cli(capsys, "data", "--set", "data.size=200", "--output", str(out_file))
+    assert code == 0, err
+    assert str(out_file) in out
+    corpus = load_corpus(load_config(None, ["data.size=200"]).data)
+    rows = [json.loads(line) for line in out_file.read_text(encoding="utf-8").splitlines()]
+    assert rows == [{"text": t, "label": corpus.label_names[y]}
+                    for t, y in zip(corpus.texts, corpus.labels)]
+
+
+def test_data_on_a_local_personahub_copy_gives_the_seed_projects_keyword_labels(capsys, tmp_path):
+    personas = {
+        "A graduate student in physics": "student",
+        "A mother of three who runs a bakery": "parent",
+        "A doctor who is also a teacher": "educator",
+        "A surgeon": "healthcare",
+        "A software developer and part-time poet": "tech",
+        "An urban gardener": "other",
+    }
+    texts = [f"{t} ({i})" for i, t in enumerate(list(personas) * 4)]
+    path = _write(tmp_path / "persona.jsonl",
+                  "".join(json.dumps({"persona": t}) + "\n" for t in texts))
+    out_file = tmp_path / "labels.jsonl"
+    code, out, err = run_cli(
+        capsys, "data", "--set", "data.source=personahub", "--set", f"data.path={path}",
+        "--set", "data.labels=keywords", "--set", "data.size=18",
+        "--output", str(out_file), "--json",
+    )
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert (summary["source"], summary["labels"], summary["path"]) == ("personahub", "keywords", path)
+    assert summary["label_counts"] == {label: 3 for label in personas.values()}
+    rows = [json.loads(line) for line in out_file.read_text(encoding="utf-8").splitlines()]
+    assert [r["text"] for r in rows] == texts[:18]  # the first data.size, in file order
+    assert [r["label"] for r in rows] == list(personas.values()) * 3
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["--set", "data.source=file"], "data.path"),
+    (["--set", "data.source=personahub", "--set", "data.path=no-such-persona.jsonl",
+      "--set", "data.labels=keywords"], "no-such-persona.jsonl"),
+    (["--output", "no-such-folder/labels.jsonl"], "--output"),
+    (["--set", "data.labels=profession"], "data.labels"),
+], ids=["no-path", "missing-file", "output-folder", "bad-labels"])
+def test_data_bad_input_exits_2_with_one_line(capsys, argv, named):
+    code, _, err = run_cli(capsys, "data", *argv)
+    assert code == 2
+    assert named in err and err.startswith("hpn-tune data: error: ")
+    assert len(err.strip().splitlines()) == 1

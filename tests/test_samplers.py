@@ -82,8 +82,8 @@ def test_grid_sampler_enumerates_the_nine_seed_grid_combinations_without_repeats
     search = searcher("grid", space)
     # Tune asks for several trials before any completes: all nine start at once here.
     configs = [search.suggest(f"trial_{i}") for i in range(9)]
-    points = {(c["model.prototype_dim"], c["model.prototypes_per_class"]) for c in configs}
-    assert points == {(d, k) for d in (64, 128, 256) for k in (4, 7, 14)}
+    points = {(c["model.prototype_dim"], c["model.prototype_count"]) for c in configs}
+    assert points == {(d, k) for d in (64, 128, 256) for k in (50, 100, 200)}
     assert all(c["model.prototype_mode"] == "learned" for c in configs)
 
 

@@ -95,11 +95,32 @@ def test_define_by_run_survives_pickling_as_rays_searcher_checkpoint_needs():
     assert clone(study.ask()) == space.constants
 
 
-def test_seed_grid_is_the_seed_projects_three_by_three_grid_with_learned_prototypes():
+def test_seed_grid_is_the_seed_projects_grid_with_its_literal_counts_on_the_seed_preset():
     space = load_space(resolve_space_path("seed_grid"))
     assert space.grid() == {"model.prototype_dim": [64, 128, 256],
-                            "model.prototypes_per_class": [4, 7, 14]}
-    assert space.constants["model.prototype_mode"] == "learned"
+                            "model.prototype_count": [50, 100, 200]}
+    seed = {"model.prototype_mode": "learned", "model.prototype_assignment": "extra_negatives",
+            "model.loss": "cross_entropy", "model.temperature": 0.1,
+            "train.optimizer": "sgd", "train.lr": 0.001, "train.momentum": 0.9,
+            "train.weight_decay": 1e-4, "train.batch_size": 64, "train.epochs": 30,
+            "train.separation_weight": 0.1, "train.seed": 42, "train.class_weights": False,
+            "data.size": 10000, "data.seed": 42, "data.test_fraction": 0.2}
+    assert {k: space.constants[k] for k in seed} == seed
+    # the searched keys are not constants, whatever the preset fixed
+    assert not set(space.keys()) & set(space.constants)
+
+
+def test_a_space_takes_a_presets_keys_under_its_own(tmp_path):
+    space = load_space(write(tmp_path, "preset: seed\ntrain.epochs: 3\n"
+                                       "train.lr: {type: float, low: 0.01, high: 0.1}\n"))
+    assert space.constants["train.epochs"] == 3 and "train.lr" not in space.constants
+    assert space.constants["model.prototype_count"] == 100
+
+
+def test_an_unknown_preset_names_the_space_and_the_presets(tmp_path):
+    path = write(tmp_path, "preset: nope\ntrain.lr: {type: float, low: 0.01, high: 0.1}\n")
+    with pytest.raises(HPNInputError, match="preset.*nope.*seed"):
+        load_space(path)
 
 
 def test_grid_enumerates_int_and_float_ranges_with_a_step(tmp_path):

@@ -44,6 +44,30 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     return metrics
 
 
+def cmd_data(args: argparse.Namespace) -> dict[str, Any]:
+    """Load the corpus `train` would (no encoder), summarise it, optionally dump text + label."""
+    from hpn.config import load_config
+    from hpn.data import (
+        check_output_file,
+        corpus_summary,
+        format_summary,
+        load_corpus,
+        write_labels_jsonl,
+    )
+
+    cfg = load_config(args.config, args.set)
+    if args.output:
+        check_output_file(args.output, "--output")  # before the corpus is read, not after
+    corpus = load_corpus(cfg.data)
+    summary = corpus_summary(corpus, cfg.data)
+    print("\n".join(format_summary(summary)))
+    if args.output:
+        rows = write_labels_jsonl(corpus, args.output)
+        print(f"wrote {rows} rows (text, label) to {args.output}")
+        summary["output"] = str(args.output)
+    return summary
+
+
 def cmd_prototypes(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
@@ -158,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--output", help="directory for results.json, config.yaml and the model")
+
+    p = add("data", cmd_data, "load the corpus and print its labels, counts, fingerprint and split")
+    p.add_argument("--config", help="YAML config file (its data keys are used)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--output", help="write one JSON row {text, label} per text to this .jsonl file")
 
     p = add("prototypes", cmd_prototypes, "place fixed prototypes and print their separation")
     p.add_argument("--count", type=int, required=True)

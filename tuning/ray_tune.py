@@ -6,6 +6,8 @@ HPN with `hpn.train.train` and reports each epoch through `tune.report`.
 from __future__ import annotations
 
 import os
+import pickle
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,13 +16,22 @@ from typing import Any
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import Repeater
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search.repeater import TRIAL_INDEX
 
 from hpn import metrics as M
 from hpn.config import from_dict
 from hpn.errors import HPNInputError
 from hpn.train import NonFiniteLossError, PreparedData, train
-from tuning.tracking import NODE_IP_TAG, RAY_NODE_ID_TAG, STATE_TAG, TrialRun
+from tuning.tracking import (
+    CONFIG_GROUP_TAG,
+    NODE_IP_TAG,
+    RAY_NODE_ID_TAG,
+    REPEAT_TAG,
+    STATE_TAG,
+    TrialRun,
+)
 
 DONE_KEY = "hpn_finished"  # set only on the last report of a trial that trained to the end
 NUM_CLASSES_KEY = "num_classes"
@@ -38,6 +49,40 @@ class StudyContext:
     gpu_fraction: float
     searched_keys: tuple[str, ...]  # the rest of Tune's config is the space's constants,
     # already in base_config with --set applied on top
+
+
+GROUP_KEY = "__config_group__"  # the first trial id of a config's repeats
+
+
+class SeedRepeats(Repeater):
+    """Ray's Repeater: each proposed config runs `repeat` times and the searcher is told the
+    mean. Two additions: every repeat's config names its group (its first trial's id), and
+    the Repeater's own bookkeeping is saved with the searcher's, because Ray's Repeater saves
+    only the inner searcher and a resumed study would not know which repeats belong together
+    (it raises KeyError when a restored repeat completes)."""
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        if isinstance(config, dict):
+            config[GROUP_KEY] = self._trial_id_to_group[trial_id].primary_trial_id
+        return config
+
+    def save(self, checkpoint_path: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            inner = Path(tmp) / "searcher.pkl"
+            self.searcher.save(str(inner))
+            state = {"searcher": inner.read_bytes(), "repeater": self.get_state()}
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(state, f)  # Ray's own searcher checkpoints are pickles too
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            state = pickle.load(f)
+        with tempfile.TemporaryDirectory() as tmp:
+            inner = Path(tmp) / "searcher.pkl"
+            inner.write_bytes(state["searcher"])
+            self.searcher.restore(str(inner))
+        self.set_state(state["repeater"])
 
 
 def init_ray(address: str | None) -> None:
@@ -75,15 +120,32 @@ def node_tags() -> dict[str, str]:
             NODE_IP_TAG: ray.util.get_node_ip_address()}
 
 
+#: Device memory a trial process holds outside torch's allocator: bench/RESULTS.md (GPU
+#: section) measured a bare CUDA context at 610 MiB per process (NVML per-process: 612 MiB)
+#: on an H100 with torch's lazy module loading; kernels and cuBLAS add more once it trains.
+CUDA_CONTEXT_MIB = 610
+#: The least share of the card the allocator keeps when the context alone fills a trial's share.
+MIN_ALLOCATOR_FRACTION = 0.01
+
+
 def _trial_device(fraction: float, requested: str) -> str:
     """CUDA only when Ray gave this trial a GPU share; then hold it to that share, so one
-    trial cannot starve the others (the CUDA context itself is outside the cap)."""
+    trial cannot starve the others.
+
+    `set_per_process_memory_fraction` caps only torch's allocator, while the CUDA context
+    (outside the cap) also lives in the trial's share of the card: the allocator gets the
+    share minus the context, `max(MIN_ALLOCATOR_FRACTION, fraction - context / total)` and
+    never more than `fraction`. Without that, four trials at 0.25 can over-fill a card by
+    four contexts (bench/RESULTS.md: a "1536 MiB" cap held 2,002 MiB on the card)."""
     import torch
 
     if requested == "cpu" or fraction <= 0 or not ray.get_gpu_ids() or not torch.cuda.is_available():
         return "cpu"
     if fraction < 1:
-        torch.cuda.set_per_process_memory_fraction(fraction)
+        # Ray's CUDA_VISIBLE_DEVICES shows a trial only its own card, as device 0.
+        total_mib = torch.cuda.get_device_properties(0).total_memory / 2**20
+        allocator = max(MIN_ALLOCATOR_FRACTION, fraction - CUDA_CONTEXT_MIB / total_mib)
+        torch.cuda.set_per_process_memory_fraction(min(allocator, fraction))
     return "cuda"
 
 
@@ -94,8 +156,12 @@ def trial_fn(config: dict[str, Any], data: PreparedData, ctx: StudyContext) -> N
         {k: v for k, v in config.items() if k in ctx.searched_keys})
     trial_id = tune.get_context().get_trial_id()
     cfg.train.device = _trial_device(ctx.gpu_fraction, cfg.train.device)
+    repeat = int(config.get(TRIAL_INDEX, 0))
+    cfg.train.seed += repeat  # repeats of one config: the study's train.seed, +1, +2, ...
+    tags = {**node_tags(), REPEAT_TAG: str(repeat),
+            CONFIG_GROUP_TAG: str(config.get(GROUP_KEY, trial_id))}
     run = TrialRun(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, trial_id, ctx.study,
-                   {**cfg.to_flat(), "trial_id": trial_id}, node_tags())
+                   {**cfg.to_flat(), "trial_id": trial_id}, tags)
     if run.finished_metrics is not None:
         # Finished before the driver was killed, but after Ray last saved its state: the
         # MLflow run is the record, so replay it instead of training again.
@@ -181,6 +247,7 @@ class TuneSettings:
     metric: str | list[str]
     mode: str | list[str]
     epochs: int
+    repeats: int = 1  # runs of each proposed config (train.seed, +1, ...); the searcher sees the mean
 
 
 def _quiet_libraries() -> None:
@@ -231,6 +298,8 @@ def run_tuner(define_by_run: Any, sampler: Any, data: PreparedData, ctx: StudyCo
     multi = isinstance(settings.metric, list)
     searcher = OptunaSearch(space=define_by_run, sampler=sampler, metric=settings.metric,
                             mode=settings.mode)
+    if settings.repeats > 1:
+        searcher = SeedRepeats(searcher, repeat=settings.repeats)
     if settings.scheduler == "asha" and not multi:
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=settings.epochs,
                                   grace_period=min(3, settings.epochs), reduction_factor=3)
@@ -239,7 +308,8 @@ def run_tuner(define_by_run: Any, sampler: Any, data: PreparedData, ctx: StudyCo
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=searcher, scheduler=scheduler, num_samples=settings.trials,
+            search_alg=searcher, scheduler=scheduler,
+            num_samples=settings.trials * settings.repeats,  # Repeater counts every repeat
             max_concurrent_trials=settings.max_concurrent,
             # A reused actor's peak RSS would carry the previous trial's; keep fresh actors
             # when memory is an objective.

@@ -2,7 +2,9 @@
 
 A key is a dotted config key; its value is a constant (fixed for the study) or a mapping:
 `{type: int|float, low, high, step?, log?}` or `{type: categorical, choices}`, either with
-`when: {earlier.categorical: value or [values]}`. Keys are suggested in file order. Every value
+`when: {earlier.categorical: value or [values]}`. Keys are suggested in file order. A top-level
+`preset: NAME` (a file in presets/, e.g. `seed`) makes that preset's keys the space's constants,
+under the space's own.  Every value
 a space can produce is checked against the Config at load: a bad range fails now, not in trial 37.
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from hpn.config import Config, known_keys
+from hpn.config import Config, known_keys, read_config_file
 from hpn.errors import ConfigError, HPNInputError
 
 if TYPE_CHECKING:
@@ -126,12 +128,18 @@ def load_space(path: str | Path) -> SearchSpace:
     known = known_keys()
     params: list[ParamSpec] = []
     constants: dict[str, Any] = {}
+    if "preset" in tree:
+        try:
+            constants.update(read_config_file(str(tree.pop("preset"))))
+        except ConfigError as exc:
+            raise fail(f"preset: {exc}") from None
     for key, value in tree.items():
         key = str(key)
         if key not in known:
             raise fail(f"unknown config key {key!r}; {_closest(key, known)}")
         if isinstance(value, dict):
             params.append(_param(fail, key, value, params))
+            constants.pop(key, None)  # searched here, whatever the preset fixed
         elif isinstance(value, list):
             raise fail(f"{key}: a list is not a constant; to search it write "
                        f"{{type: categorical, choices: {value}}}")
@@ -140,13 +148,20 @@ def load_space(path: str | Path) -> SearchSpace:
     if not params:
         raise fail("searches nothing (every key is a constant); make at least one key a "
                    "{type: int|float|categorical, ...} mapping")
+    # Constants may need a searched key (extra negatives need a count): what fails alone is
+    # tried again with every searched key at its first value.
+    firsts = {**constants, **{p.key: _first_value(p) for p in params}}
     try:
-        Config().with_updates(constants)
+        _validates(constants, firsts)
     except ConfigError as exc:
         raise fail(f"{exc} (a constant); fix its value") from None
     for spec in params:
-        _check_values(fail, spec, constants)
+        _check_values(fail, spec, constants, firsts)
     return SearchSpace(str(p), tuple(params), constants, _summary(text))
+
+
+def _first_value(p: ParamSpec) -> Any:
+    return p.choices[0] if p.choices else p.low
 
 
 def _closest(key: str, known: list[str]) -> str:
@@ -227,13 +242,29 @@ def _when(fail: Callable, key: str, when: Any, earlier: list[ParamSpec]) -> dict
     return out
 
 
-def _check_values(fail: Callable, p: ParamSpec, constants: dict[str, Any]) -> None:
+def _validates(updates: dict[str, Any], fallback: dict[str, Any]) -> None:
+    """Raise the ConfigError of `updates` unless they or `fallback` (the same with the other
+    searched keys at their first values) validate."""
+    try:
+        Config().with_updates(updates)
+    except ConfigError:
+        try:
+            Config().with_updates(fallback)
+        except ConfigError:
+            pass
+        else:
+            return
+        raise
+
+
+def _check_values(fail: Callable, p: ParamSpec, constants: dict[str, Any],
+                  firsts: dict[str, Any]) -> None:
     """Both ends of a range (config bounds are one-sided) and every choice must validate."""
     named = ([(f"choice {c!r}", c) for c in p.choices] if p.type == "categorical"
              else [(f"low {p.low!r}", p.low), (f"high {p.high!r}", p.high)])
     for what, value in named:
         try:
-            Config().with_updates({**constants, p.key: value})
+            _validates({**constants, p.key: value}, {**firsts, p.key: value})
         except ConfigError as exc:
             reason = str(exc).removeprefix(f"{p.key}: ")
             fix = "remove it from choices" if p.type == "categorical" else "narrow the range"

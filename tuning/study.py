@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import shlex
 import sys
 import tempfile
@@ -21,6 +22,7 @@ from hpn import metrics as M
 from hpn.config import load_config, parse_override
 from hpn.errors import HPNInputError
 from hpn.train import prepare_data
+from tuning import tracking
 from tuning.spaces import load_space, resolve_space_path
 
 DEFAULT_EXPERIMENT = "hpn-tune"
@@ -40,11 +42,12 @@ class StudyOptions:
     cpus_per_trial: float = 1.0
     max_concurrent: int = 2
     sampler: str = "tpe"
-    scheduler: str = "asha"
+    scheduler: str | None = None  # None: asha, but fifo for grid, repeated and multi-objective studies
     address: str | None = None
     storage_path: str | None = None
     resume: bool = False
-    seed: int = 0
+    seed: int | None = None  # sampler seed; None: a new one per study, recorded to replay it
+    repeats: int = 1  # runs of each proposed config, train.seed + 0, 1, ...; the sampler sees the mean
     register: bool = True
     model_name: str = "hpn-persona"
     progress: bool = False
@@ -63,8 +66,12 @@ def _check(opts: StudyOptions) -> None:
         raise HPNInputError(f"--gpus-per-trial: must be between 0 and 8, got {opts.gpus_per_trial}")
     if opts.sampler not in SAMPLERS:
         raise HPNInputError(f"--sampler: unknown sampler {opts.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if opts.scheduler not in SCHEDULERS:
+    if opts.scheduler is not None and opts.scheduler not in SCHEDULERS:
         raise HPNInputError(f"--scheduler: unknown scheduler {opts.scheduler!r}; choose asha or fifo")
+    if opts.repeats < 1:
+        raise HPNInputError(f"--repeats: must be >= 1, got {opts.repeats}")
+    if opts.seed is not None and not 0 <= opts.seed < 2**32:
+        raise HPNInputError(f"--seed: must be between 0 and 2**32 - 1, got {opts.seed}")
     if opts.resume and not opts.name:
         raise HPNInputError("--resume: needs --name of the study to resume")
 
@@ -139,11 +146,38 @@ def _study_config(opts: StudyOptions, space: Any) -> Any:
     return base
 
 
-def _resume_plan(opts: StudyOptions, parent_run: Any) -> tuple[Any, Any, str, str]:
-    """A resumed study keeps its space, config, sampler and scheduler from its parent run."""
+@dataclass(frozen=True)
+class StudyPlan:
+    """What a study runs with; a resumed study takes it from its parent run's tags."""
+
+    space: Any
+    base: Any  # the resolved Config
+    sampler: str
+    scheduler: str
+    seed: int
+    repeats: int
+
+
+def _new_plan(opts: StudyOptions) -> StudyPlan:
+    space = load_space(resolve_space_path(opts.space))
+    # A seed per study: samplers with one fixed seed start from the same random configs, so
+    # short studies would all report the same best config. Recorded, so it can be replayed.
+    seed = opts.seed if opts.seed is not None else secrets.randbelow(2**31)
+    return StudyPlan(space, _study_config(opts, space), opts.sampler,
+                     resolve_scheduler(opts.scheduler, opts.sampler, opts.repeats), seed,
+                     opts.repeats)
+
+
+def _resume_plan(opts: StudyOptions, parent_run: Any) -> StudyPlan:
+    """A resumed study keeps its space, config, sampler, scheduler, seed and repeats."""
     from hpn.config import from_dict
 
     tags = parent_run.data.tags
+    seed, repeats = int(tags.get(tracking.SEED_TAG, 0)), int(tags.get(tracking.REPEATS_TAG, 1))
+    for flag, given, held in (("--seed", opts.seed, seed), ("--repeats", opts.repeats, repeats)):
+        if given is not None and given != held and not (flag == "--repeats" and given == 1):
+            raise HPNInputError(f"--resume: {flag} {given} differs from the study's {held}; "
+                                f"drop {flag} to resume the study as it was")
     space = load_space(tags["hpn.space_file"])
     base = from_dict(json.loads(tags[BASE_CONFIG_TAG]))
     if opts.space or opts.config or opts.overrides:
@@ -155,13 +189,28 @@ def _resume_plan(opts: StudyOptions, parent_run: Any) -> tuple[Any, Any, str, st
             raise HPNInputError(
                 f"--resume: the given --space/--config/--set differ from the study's "
                 f"({', '.join(diff) or 'space file'}); drop them to resume the study as it was")
-    return space, base, tags["hpn.sampler"], tags["hpn.scheduler"]
+    return StudyPlan(space, base, tags["hpn.sampler"], tags["hpn.scheduler"], seed, repeats)
+
+
+def resolve_scheduler(requested: str | None, sampler: str, repeats: int) -> str:
+    """ASHA by default; FIFO where early stopping would break the study's promise: a grid
+    trains every cell to the end, repeats are averaged over full runs, and ASHA stops on one
+    metric only (multi-objective). Asking for ASHA there is refused rather than ignored."""
+    from tuning.samplers import is_multi_objective
+
+    why = ("a grid study trains every cell to the end" if sampler == "grid" else
+           "repeats are averaged over complete runs" if repeats > 1 else
+           "ASHA stops on one metric and this sampler optimises several"
+           if is_multi_objective(sampler) else None)
+    if why and requested == "asha":
+        raise HPNInputError(f"--scheduler asha: {why}; drop --scheduler (FIFO is used)")
+    return "fifo" if why else requested or "asha"
 
 
 def _check_cluster_reach(opts: StudyOptions, tracking_uri: str) -> None:
     """On a Ray cluster trials run on other machines: they must reach the tracking store and
     the study's storage. Needs Ray initialised."""
-    from tuning import ray_tune, tracking
+    from tuning import ray_tune
 
     if not opts.address or not (opts.address.startswith("ray://") or ray_tune.is_multi_node()):
         return
@@ -178,7 +227,7 @@ def _check_cluster_reach(opts: StudyOptions, tracking_uri: str) -> None:
 def run_study(opts: StudyOptions) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
-    from tuning import ray_tune, tracking
+    from tuning import ray_tune
     from tuning.report import best_trial, write_study_report
     from tuning.samplers import grid_size, is_multi_objective, make_sampler
 
@@ -204,15 +253,17 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
         if not ray_tune.can_restore(exp_path):
             raise HPNInputError(f"--resume: no saved Ray state for {name!r} under {storage}; "
                                 "pass the --storage-path the study ran with")
-        space, base, sampler_name, scheduler = _resume_plan(opts, client.get_run(parent))
+        plan = _resume_plan(opts, client.get_run(parent))
     else:
         if parent is not None:
             raise HPNInputError(f"--name: a study named {name!r} already exists; pass --resume or a new name")
-        space = load_space(resolve_space_path(opts.space))
-        base, sampler_name, scheduler = _study_config(opts, space), opts.sampler, opts.scheduler
+        plan = _new_plan(opts)
+    space, base, sampler_name, scheduler = plan.space, plan.base, plan.sampler, plan.scheduler
     multi = is_multi_objective(sampler_name)
-    scheduler = "fifo" if multi else scheduler  # ASHA stops on one metric only
-    sampler = make_sampler(sampler_name, opts.seed, space)
+    if multi and plan.repeats > 1:
+        raise HPNInputError(f"--repeats: the {sampler_name} sampler optimises several metrics and "
+                            "Ray's Repeater averages one; drop --repeats or use another --sampler")
+    sampler = make_sampler(sampler_name, plan.seed, space)
     trials = opts.trials
     if sampler_name == "grid":
         trials = min(trials, grid_size(space))  # past the grid, Optuna repeats points
@@ -231,6 +282,7 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
             tracking.STUDY_TAG: name, tracking.ROLE_TAG: "study",
             "hpn.space_file": str(Path(space.path).resolve()), "hpn.sampler": sampler_name,
             "hpn.scheduler": scheduler, "hpn.dataset_fingerprint": data.fingerprint,
+            tracking.SEED_TAG: str(plan.seed), tracking.REPEATS_TAG: str(plan.repeats),
             "hpn.code_version": tracking.code_version(),
             "hpn.command": " ".join(shlex.quote(a) for a in sys.argv),
             BASE_CONFIG_TAG: json.dumps(base.to_dict()),
@@ -253,7 +305,7 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
         trials=trials, max_concurrent=opts.max_concurrent, cpus_per_trial=opts.cpus_per_trial,
         gpus_per_trial=gpus, scheduler=scheduler, storage_path=storage,
         metric=[M.VAL_ACCURACY, memory_metric] if multi else M.VAL_ACCURACY,
-        mode=["max", "min"] if multi else "max", epochs=base.train.epochs,
+        mode=["max", "min"] if multi else "max", epochs=base.train.epochs, repeats=plan.repeats,
     )
     started = time.time()
     try:
@@ -265,10 +317,10 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
     statuses = ray_tune.trial_statuses(exp_path)
     _mark_lost_trials(client, experiment_id, parent, set(statuses))
     finished = sum(s in ("TERMINATED", "ERROR") for s in statuses.values())
-    if finished < trials:  # Ray's fit() returns normally after a Ctrl-C
+    if finished < trials * plan.repeats:  # Ray's fit() returns normally after a Ctrl-C
         client.set_terminated(parent, "KILLED")
         raise StudyInterrupted(
-            f"study {name!r} stopped with {finished} of {trials} trials finished; continue it "
+            f"study {name!r} stopped with {finished} of {trials * plan.repeats} trials finished; continue it "
             f"with: hpn-tune run --name {name} --resume" +
             (f" --storage-path {opts.storage_path}" if opts.storage_path else ""))
 

@@ -21,6 +21,12 @@ STUDY_TAG = "hpn.study"
 STATE_TAG = "hpn.trial_state"  # completed | pruned | error
 PARENT_TAG = "mlflow.parentRunId"
 ROLE_TAG = "hpn.role"  # study | trial
+# With --repeats N, one proposed config runs N times (train.seed, +1, +2, ...): each repeat is
+# its own trial run, tagged with its index and the id of its config's first trial.
+REPEAT_TAG = "hpn.repeat"
+CONFIG_GROUP_TAG = "hpn.config_group"
+SEED_TAG = "hpn.seed"  # the study's sampler seed (replayable)
+REPEATS_TAG = "hpn.repeats"
 # Where a trial ran. The hostname alone cannot tell apart two Ray nodes on one machine (or
 # two containers sharing a host name), so the Ray node id and node IP go beside it.
 NODE_TAG = "hpn.node"
@@ -102,9 +108,9 @@ class TrialRun:
     """One trial's child run. Re-opened (never duplicated) when a resumed study re-runs it."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str,
-                 study: str, params: dict[str, Any], node_tags: dict[str, str] | None = None) -> None:
+                 study: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> None:
         self.client = MlflowClient(tracking_uri)
-        where = {NODE_TAG: socket.gethostname(), **(node_tags or {})}
+        where = {NODE_TAG: socket.gethostname(), **(tags or {})}  # node and repeat tags
         existing = self.client.search_runs(
             [experiment_id],
             f"tags.`{PARENT_TAG}` = '{parent_run_id}' AND tags.`{TRIAL_ID_TAG}` = '{trial_id}'",

@@ -2,6 +2,7 @@
 
 `load_corpus(cfg.data)` is the entry point: the built-in synthetic corpus, a local
 JSONL / CSV / Parquet file, or PersonaHub (hub or local copy) with derived labels.
+`corpus_summary` / `write_labels_jsonl` show a corpus before tuning on it (`hpn-tune data`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,13 @@ from hpn.data.corpus import MIN_CLASS_SIZE, Corpus, Split
 from hpn.data.files import corpus_from_file, read_table
 from hpn.data.loader import load_corpus
 from hpn.data.personahub import KEYWORD_PATTERNS, keyword_label, load_personahub
+from hpn.data.summary import (
+    check_output_file,
+    corpus_summary,
+    format_summary,
+    label_counts,
+    write_labels_jsonl,
+)
 from hpn.data.synthetic import DOMAINS, synthetic_corpus
 
 __all__ = [
@@ -18,10 +26,15 @@ __all__ = [
     "MIN_CLASS_SIZE",
     "Corpus",
     "Split",
+    "check_output_file",
     "corpus_from_file",
+    "corpus_summary",
+    "format_summary",
     "keyword_label",
+    "label_counts",
     "load_corpus",
     "load_personahub",
     "read_table",
     "synthetic_corpus",
+    "write_labels_jsonl",
 ]

@@ -9,8 +9,8 @@ of the hub, which is also how the tests run (nothing is downloaded here).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 from hpn.data.corpus import Corpus, check_texts
 from hpn.data.files import (
@@ -21,7 +21,6 @@ from hpn.data.files import (
     read_table,
     require_column,
     resolve_text_column,
-    sample_rows,
 )
 from hpn.errors import DataError
 
@@ -36,26 +35,32 @@ GENERAL_DOMAIN_COLUMN = "general domain (top 1 percent)"
 SPECIFIC_DOMAIN_COLUMN = "specific domain (top 1 percent)"
 SUBSETS = {"keywords": PERSONA_SUBSET, "elite_domain": ELITE_SUBSET}
 
-#: The seed project's patterns: case-insensitive, first match wins, else "other".
+#: The seed project's patterns, in its order, exactly as it wrote them (issue 9): searched
+#: with `re.search` in the lower-cased text (substring match, no word boundaries, so "coder"
+#: also matches "encoder"); the first that matches gives the label, none gives "other".
 KEYWORD_PATTERNS: tuple[tuple[str, str], ...] = (
-    ("medical", r"doctor|physician|nurse|medical"),
-    ("education", r"teacher|educator|professor|lecturer"),
-    ("technology", r"engineer|developer|programmer|software"),
-    ("legal", r"lawyer|attorney|legal|judge"),
-    ("arts", r"artist|painter|musician|designer"),
-    ("science", r"scientist|researcher|biologist|chemist|physicist"),
-    ("writing", r"writer|author|journalist|editor"),
-    ("business", r"business|entrepreneur|manager|executive"),
-    ("culinary", r"chef|cook|culinary|baker"),
-    ("sports", r"athlete|coach|sports|fitness"),
+    ("educator", r"(professor|teacher|educator|instructor)"),
+    ("healthcare", r"(doctor|physician|surgeon|nurse|healthcare)"),
+    ("tech", r"(engineer|developer|programmer|coder)"),
+    ("creative", r"(artist|painter|musician|composer|creative)"),
+    ("writer", r"(writer|author|poet|journalist)"),
+    ("scientist", r"(scientist|researcher|analyst)"),
+    ("business", r"(business|entrepreneur|executive|manager)"),
+    ("legal", r"(lawyer|attorney|legal)"),
+    ("student", r"(student|learner|scholar)"),
+    ("parent", r"(parent|mother|father|caregiver)"),
 )
 OTHER_LABEL = "other"
-_COMPILED = [(label, re.compile(pattern, re.IGNORECASE)) for label, pattern in KEYWORD_PATTERNS]
+T = TypeVar("T")
+_COMPILED = [(label, re.compile(pattern)) for label, pattern in KEYWORD_PATTERNS]
 
 
 def keyword_label(text: str) -> str:
+    """The seed project's label: it lower-cased the text (rather than re.IGNORECASE), then took
+    the first pattern that matches."""
+    lowered = text.lower()
     for label, pattern in _COMPILED:
-        if pattern.search(text):
+        if pattern.search(lowered):
             return label
     return OTHER_LABEL
 
@@ -65,14 +70,28 @@ def _is_domain(value: object) -> bool:
     return isinstance(value, str) and value.strip() not in ("", "None", "none")
 
 
-def _download(subset: str, size: int) -> dict[str, list]:
-    """The first `size` rows of a subset, streamed: elite_persona alone holds ~370M rows."""
+def _has_domain(row: dict) -> bool:
+    return _is_domain(row.get(GENERAL_DOMAIN_COLUMN))
+
+
+def _first(values: Sequence[T], size: int) -> list[T]:
+    """The first `size` values (0 = all): the seed project takes the first personas, in order."""
+    return list(values if size <= 0 else values[:size])
+
+
+def _download(
+    subset: str, size: int, keep: Callable[[dict], bool] | None = None
+) -> dict[str, list]:
+    """The first `size` rows of a subset (those `keep` accepts), streamed: elite_persona alone
+    holds ~370M rows, so it is never read whole."""
     import datasets
 
     if size <= 0:
         raise DataError(f"data.size: set a cap (e.g. 20000) to read PersonaHub's {subset!r} subset")
     try:
         stream = datasets.load_dataset(DATASET_ID, subset, split="train", streaming=True)
+        if keep is not None:
+            stream = stream.filter(keep)
         rows = list(stream.take(size))
     except Exception as exc:  # noqa: BLE001 (no network, hub or auth errors: one fix for all)
         raise DataError(
@@ -86,14 +105,19 @@ def _download(subset: str, size: int) -> dict[str, list]:
 
 
 def load_personahub(cfg: DataConfig) -> Corpus:
-    """PersonaHub from the hub, or any local file (`data.path`), with derived labels."""
+    """PersonaHub from the hub, or any local file (`data.path`), with derived labels.
+
+    Like the seed project, it keeps the first `data.size` rows in file order (the first that
+    carry a label, for elite_domain), not a random sample.
+    """
     if cfg.path:
         table = read_table(cfg.path)
         where, names = cfg.path, table.column_names
         get = lambda name: column(table, name)
     elif cfg.labels in SUBSETS:
         where = f"{DATASET_ID} ({SUBSETS[cfg.labels]})"
-        data = _download(SUBSETS[cfg.labels], cfg.size)
+        keep = _has_domain if cfg.labels == "elite_domain" else None
+        data = _download(SUBSETS[cfg.labels], cfg.size, keep)
         names, get = list(data), data.__getitem__
     else:
         raise DataError(
@@ -105,14 +129,15 @@ def load_personahub(cfg: DataConfig) -> Corpus:
     texts = get(text_column)
     check_texts(texts, text_column)
     if cfg.labels == "keywords":
+        texts = _first(texts, cfg.size)
         raw: Sequence[object] = [keyword_label(t) for t in texts]
     else:
         label_column = GENERAL_DOMAIN_COLUMN if cfg.labels == "elite_domain" else cfg.label_column
         require_column(names, label_column, "data.label_column", where)
         raw = get(label_column)
         if cfg.labels == "elite_domain":  # personas without a domain carry no label: drop them
-            keep = [i for i, value in enumerate(raw) if _is_domain(value)]
-            texts, raw = [texts[i] for i in keep], [raw[i] for i in keep]
+            labelled = [i for i, value in enumerate(raw) if _is_domain(value)]
+            texts, raw = [texts[i] for i in labelled], [raw[i] for i in labelled]
+        texts, raw = _first(texts, cfg.size), _first(raw, cfg.size)
         check_labels(raw, label_column)
-    rows = sample_rows(len(texts), cfg.size, cfg.seed)
-    return corpus_from_labels([texts[i] for i in rows], [raw[i] for i in rows])
+    return corpus_from_labels(texts, raw)
