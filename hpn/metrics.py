@@ -18,6 +18,8 @@ PEAK_RSS_MB = "peak_rss_mb"
 #: The trial process's whole device footprint as nvidia-smi shows it (CUDA context included).
 PEAK_VRAM_PROCESS_MB = "peak_vram_process_mb"
 MAJORITY_BASELINE_ACCURACY = "majority_baseline_accuracy"
+#: How many prototypes the model has (the total, whichever way the config gave it).
+NUM_PROTOTYPES = "num_prototypes"
 EPOCH = "epoch"
 
 #: Metrics reported after every epoch (step = epoch in MLflow).
@@ -39,4 +41,5 @@ FINAL_METRICS = (
     RUNTIME_S,
     TRAIN_SAMPLES_PER_S,
     MAJORITY_BASELINE_ACCURACY,
+    NUM_PROTOTYPES,
 )

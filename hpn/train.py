@@ -271,6 +271,7 @@ def _train(
         M.TEST_ACCURACY: test_acc,
         M.TEST_MACRO_F1: _macro_f1(corpus.labels[split.test], test_pred, corpus.num_classes),
         M.MAJORITY_BASELINE_ACCURACY: float(np.mean(corpus.labels[split.test] == majority)),
+        M.NUM_PROTOTYPES: float(len(head.groups)),
         M.RUNTIME_S: time.perf_counter() - started,
         M.TRAIN_SAMPLES_PER_S: seen / train_time if train_time > 0 else math.nan,
         **memory.stop(),

@@ -100,15 +100,17 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
         gpus_per_trial=args.gpus_per_trial, cpus_per_trial=args.cpus_per_trial,
         max_concurrent=args.max_concurrent, sampler=args.sampler, scheduler=args.scheduler,
         address=args.address, storage_path=args.storage_path, resume=args.resume, seed=args.seed,
+        repeats=args.repeats,
         register=not args.no_register, model_name=args.model_name, progress=not args.json,
     )
     summary = run_study(opts)
     print(f"study {summary['study']}: {summary['trials_completed']} completed, "
           f"{summary['trials_pruned']} pruned, {summary['trials_errored']} errored "
-          f"in {summary['wall_s']:.1f} s")
+          f"in {summary['wall_s']:.1f} s (sampler seed {summary['seed']})")
     if summary["best_config"] is not None:
+        over = f" (means over {summary['repeats']} repeats)" if summary["repeats"] > 1 else ""
         print(f"best val_accuracy {summary['best_val_accuracy']:.4f}, "
-              f"test_accuracy {summary['best_test_accuracy']:.4f} with:")
+              f"test_accuracy {summary['best_test_accuracy']:.4f}{over} with:")
         _print_table(summary["best_config"])
     if summary.get("registered_version"):
         print(f"registered as {opts.model_name} version {summary['registered_version']}; "
@@ -206,11 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--max-concurrent", type=int, default=2)
     p.add_argument("--sampler", default="tpe", help="tpe | random | cmaes | nsga2 | grid")
-    p.add_argument("--scheduler", default="asha", help="asha | fifo")
+    p.add_argument("--scheduler", help="asha | fifo (default asha; fifo for grid, --repeats and "
+                   "nsga2 studies, which must not stop trials early)")
     p.add_argument("--address", help="join an existing Ray cluster (auto, ray://host:10001, host:6379)")
     p.add_argument("--storage-path", help="where Ray keeps study state (shared path/URI on a cluster)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted study (needs --name)")
-    p.add_argument("--seed", type=int, default=0, help="sampler seed")
+    p.add_argument("--seed", type=int, help="sampler seed (default: a new one per study, "
+                   "recorded on the study's run and printed, to replay it)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of each proposed config with train.seed, +1, ...; the sampler "
+                   "sees their mean and each repeat is its own MLflow run (default 1)")
     p.add_argument("--model-name", default="hpn-persona", help="registered model for the best trial")
     p.add_argument("--no-register", action="store_true", help="do not register the best model")
 

@@ -23,6 +23,8 @@ from ray.tune.search.repeater import TRIAL_INDEX
 from hpn import metrics as M
 from hpn.config import from_dict
 from hpn.errors import HPNInputError
+from hpn.encode import pick_device
+from hpn.memory import PeakMemory
 from hpn.train import NonFiniteLossError, PreparedData, train
 from tuning.tracking import (
     CONFIG_GROUP_TAG,
@@ -178,20 +180,26 @@ def trial_fn(config: dict[str, Any], data: PreparedData, ctx: StudyContext) -> N
             tune.report(pending.pop())
         pending.append(row)
 
-    try:
-        result = train(cfg, data, on_epoch)
-    except torch.OutOfMemoryError as exc:
-        run.end("error", f"CUDA out of memory: {exc}")
-        raise
-    except NonFiniteLossError as exc:
-        run.end("error", str(exc))
-        raise
-    except SystemExit:  # Ray stopped the trial at a report (ASHA)
-        run.end("pruned", "stopped early by the scheduler")
-        raise
-    except Exception as exc:
-        run.end("error", f"{type(exc).__name__}: {exc}")
-        raise
+    # The trial's own window around train(): a trial stopped early, failed or pruned, still
+    # logs how long it ran and its peak memory (its last val_accuracy is logged per epoch).
+    with PeakMemory(pick_device(cfg.train.device)) as memory:
+        try:
+            result = train(cfg, data, on_epoch)
+        except torch.OutOfMemoryError as exc:
+            run.log_metrics(memory.usage())
+            run.end("error", f"CUDA out of memory: {exc}")
+            raise
+        except NonFiniteLossError as exc:
+            run.log_metrics(memory.usage())
+            run.end("error", str(exc))
+            raise
+        except SystemExit:  # Ray stopped the trial at a report (ASHA)
+            run.log_metrics(memory.usage())
+            run.end("pruned", "stopped early by the scheduler")
+            raise
+        except Exception as exc:
+            run.end("error", f"{type(exc).__name__}: {exc}")
+            raise
     final = {**result.metrics, NUM_CLASSES_KEY: data.corpus.num_classes,
              "trial_started_at": started, "trial_ended_at": time.time()}
     run.log_metrics({**{k: v for k, v in result.metrics.items()
@@ -311,9 +319,8 @@ def run_tuner(define_by_run: Any, sampler: Any, data: PreparedData, ctx: StudyCo
             search_alg=searcher, scheduler=scheduler,
             num_samples=settings.trials * settings.repeats,  # Repeater counts every repeat
             max_concurrent_trials=settings.max_concurrent,
-            # A reused actor's peak RSS would carry the previous trial's; keep fresh actors
-            # when memory is an objective.
-            reuse_actors=not multi,
+            # Each trial measures its own peak (hpn.memory), so reused actors are safe.
+            reuse_actors=True,
             metric=None if multi else settings.metric, mode=None if multi else settings.mode,
         ),
         run_config=tune.RunConfig(

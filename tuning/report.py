@@ -19,7 +19,7 @@ import pandas as pd
 from matplotlib import cm, colors
 from matplotlib.figure import Figure
 
-from hpn.metrics import VAL_ACCURACY
+from hpn.metrics import NUM_PROTOTYPES, TEST_ACCURACY, VAL_ACCURACY
 
 PARAM_PREFIX = "params."
 BEST_FRACTION = 0.2  # "the best trials" = top 20% by objective (at least one)
@@ -90,6 +90,27 @@ def _unit(values: np.ndarray, low: float, high: float) -> np.ndarray:
 def best_trial(trials: pd.DataFrame, objective: str = VAL_ACCURACY) -> pd.Series | None:
     done = _finite(trials, objective)
     return None if done.empty else done.loc[done[objective].idxmax()]
+
+
+class BestConfig(NamedTuple):
+    run: pd.Series  # the run to register: the best on `objective` within the best config
+    objective_mean: float  # over the config's completed repeats: what the sampler was told
+    test_mean: float  # reported beside it, never used to choose
+    repeats: int
+
+
+def best_config(trials: pd.DataFrame, objective: str = VAL_ACCURACY) -> BestConfig | None:
+    """The config with the best mean objective over its repeats (`config_group`), or the best
+    trial when a study has no repeats; chosen on validation, never on test."""
+    done = _finite(trials, objective)
+    if done.empty:
+        return None
+    key = "config_group" if "config_group" in done.columns else "run_id"
+    means = done.groupby(key, sort=False)[objective].mean()
+    cell = done[done[key] == means.idxmax()]
+    test = cell[TEST_ACCURACY].astype(float).mean() if TEST_ACCURACY in cell.columns else math.nan
+    return BestConfig(cell.loc[cell[objective].idxmax()], float(means.max()), float(test),
+                      len(cell))
 
 
 def history_data(trials: pd.DataFrame, objective: str = VAL_ACCURACY) -> HistoryData:
@@ -166,10 +187,15 @@ def heatmap_data(trials: pd.DataFrame, objective: str = VAL_ACCURACY) -> Heatmap
     empty = HeatmapData([], [], np.empty((0, 0)))
     done = _finite(trials, objective)
     dim_col, ppc_col = PARAM_PREFIX + "model.prototype_dim", PARAM_PREFIX + "model.prototypes_per_class"
-    if dim_col not in done.columns or (ppc_col not in done.columns and "num_classes" not in done.columns):
+    if dim_col not in done.columns:
         return empty
-    ones = pd.Series(1.0, index=done.index)
-    count = done.get(ppc_col, ones).astype(float) * done.get("num_classes", ones).astype(float)
+    if NUM_PROTOTYPES in done.columns:  # what the trial really had, however it was configured
+        count = done[NUM_PROTOTYPES].astype(float)
+    elif ppc_col in done.columns or "num_classes" in done.columns:
+        ones = pd.Series(1.0, index=done.index)
+        count = done.get(ppc_col, ones).astype(float) * done.get("num_classes", ones).astype(float)
+    else:
+        return empty
     frame = pd.DataFrame({"dim": done[dim_col].astype(float), "count": count,
                           "y": done[objective]}).dropna()
     if frame.empty:
@@ -264,6 +290,9 @@ def _draw_heatmap(d: HeatmapData, objective: str) -> Figure:
     ax.set_xticks(range(len(d.counts)), [f"{c:g}" for c in d.counts])
     ax.set_yticks(range(len(d.dims)), [f"{v:.0f}" for v in d.dims])
     ax.set(xlabel="prototype count", ylabel="prototype_dim", title=f"Mean {objective}")
+    for (i, j), value in np.ndenumerate(d.mean):  # annotated, as the seed project's heatmap
+        if np.isfinite(value):
+            ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="white", fontsize=8)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     return fig

@@ -64,6 +64,12 @@ class SearchSpace:
                                     "another --sampler")
         return {p.key: list(p.choices) if p.choices else _steps(p) for p in self.params}
 
+    def base_values(self) -> dict[str, Any]:
+        """The constants plus each searched key at its first value: a complete config that
+        validates (extra negatives need a count even before a trial picks one); every trial
+        then replaces the searched keys with its own."""
+        return {**{p.key: _first_value(p) for p in self.params}, **self.constants}
+
     def keys(self) -> list[str]:
         """The searched keys in suggestion order (the fixed ones are in `constants`)."""
         return [p.key for p in self.params]

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shlex
 import sys
@@ -78,15 +79,19 @@ def _check(opts: StudyOptions) -> None:
 
 def trials_frame(client: Any, experiment_id: str, parent_run_id: str) -> pd.DataFrame:
     """One row per trial child run: params.<key>, metrics, state, order."""
-    from tuning.tracking import STATE_TAG, TRIAL_ID_TAG, trial_runs
+    from tuning.tracking import CONFIG_GROUP_TAG, REPEAT_TAG, STATE_TAG, TRIAL_ID_TAG, trial_runs
 
     rows = []
     for run in trial_runs(client, experiment_id, parent_run_id):
+        tags = run.data.tags
         row: dict[str, Any] = {
-            "trial_id": run.data.tags.get(TRIAL_ID_TAG),
+            "trial_id": tags.get(TRIAL_ID_TAG),
             "run_id": run.info.run_id,
-            "state": run.data.tags.get(STATE_TAG, "running"),
+            "state": tags.get(STATE_TAG, "running"),
             "start_time": run.info.start_time,
+            # a study from before --repeats: every trial is its own config
+            "config_group": tags.get(CONFIG_GROUP_TAG, tags.get(TRIAL_ID_TAG)),
+            "repeat": int(tags.get(REPEAT_TAG, 0)),
         }
         row.update({f"params.{k}": v for k, v in run.data.params.items()})
         row.update(run.data.metrics)
@@ -132,7 +137,7 @@ BASE_CONFIG_TAG = "hpn.base_config"  # the resolved config a resumed study must 
 
 def _study_config(opts: StudyOptions, space: Any) -> Any:
     """Defaults < the space's fixed keys < --config < --set (the user's explicit word wins)."""
-    base = load_config(opts.config, opts.overrides, base=space.constants)
+    base = load_config(opts.config, opts.overrides, base=space.base_values())
     searched = set(space.keys())
     for item in opts.overrides:
         key = parse_override(item)[0]
@@ -228,7 +233,7 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
     from tuning import ray_tune
-    from tuning.report import best_trial, write_study_report
+    from tuning.report import best_config
     from tuning.samplers import grid_size, is_multi_objective, make_sampler
 
     _check(opts)
@@ -325,21 +330,17 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
             (f" --storage-path {opts.storage_path}" if opts.storage_path else ""))
 
     trials_df = trials_frame(client, experiment_id, parent)
-    searched = [f"params.{k}" for k in space.keys()]
-    plotted = trials_df[[c for c in trials_df.columns if not c.startswith("params.") or c in searched]]
-    with tempfile.TemporaryDirectory() as tmp:
-        write_study_report(plotted, tmp, M.VAL_ACCURACY, memory_metric if multi else None,
-                           _searched_ranges(space))
-        client.log_artifacts(parent, tmp, "report")
-        (Path(tmp) / "base_config.yaml").write_text(yaml.safe_dump(base.to_dict(), sort_keys=False))
-        client.log_artifact(parent, str(Path(tmp) / "base_config.yaml"))
+    best = best_config(trials_df, M.VAL_ACCURACY)
+    _write_reports(client, parent, trials_df, space, base, data, best, tracking_uri,
+                   memory_metric if multi else None)
     states = trials_df["state"].value_counts().to_dict() if not trials_df.empty else {}
-    best = best_trial(trials_df, M.VAL_ACCURACY)
     summary: dict[str, Any] = {
         "study": name,
         "experiment": opts.experiment,
         "tracking_uri": tracking_uri,
         "parent_run_id": parent,
+        "seed": plan.seed,
+        "repeats": plan.repeats,
         "trials_completed": int(states.get("completed", 0)),
         "trials_pruned": int(states.get("pruned", 0)),
         "trials_errored": int(states.get("error", 0)),
@@ -349,24 +350,71 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
         "best_run_id": None,
     }
     if best is not None:
+        searched = [f"params.{k}" for k in space.keys()]
         summary.update({
-            "best_config": {k[len("params."):]: _plain(best[k]) for k in searched if k in best.index
-                            and not pd.isna(best[k])},
-            "best_val_accuracy": float(best[M.VAL_ACCURACY]),
-            "best_test_accuracy": float(best[M.TEST_ACCURACY]),
-            "best_run_id": best["run_id"],
+            "best_config": {k[len("params."):]: _plain(best.run[k]) for k in searched
+                            if k in best.run.index and not pd.isna(best.run[k])},
+            # with --repeats: means over the best config's repeats (what the sampler saw)
+            "best_val_accuracy": best.objective_mean,
+            "best_test_accuracy": best.test_mean,
+            "best_run_id": best.run["run_id"],
         })
         client.log_metric(parent, "best_val_accuracy", summary["best_val_accuracy"])
         client.log_metric(parent, "best_test_accuracy", summary["best_test_accuracy"])
-        client.set_tag(parent, "hpn.best_run_id", best["run_id"])
+        client.set_tag(parent, "hpn.best_run_id", best.run["run_id"])
     for key in ("trials_completed", "trials_pruned", "trials_errored", "trials_lost"):
         client.log_metric(parent, key, summary[key])
     client.set_terminated(parent, "FINISHED")
     if opts.register and best is not None:
         from tuning.registry import register_run
 
-        summary["registered_version"] = register_run(client, best["run_id"], opts.model_name)
+        summary["registered_version"] = register_run(client, best.run["run_id"], opts.model_name)
     return summary
+
+
+def _write_reports(client: Any, parent: str, trials_df: pd.DataFrame, space: Any, base: Any,
+                   data: Any, best: Any, tracking_uri: str, memory_metric: str | None) -> None:
+    """The study report (report/), the seed project's outputs (report/seed/) and the
+    resolved config, as artifacts of the parent run."""
+    from tuning.report import write_study_report
+    from tuning.seed_report import write_seed_report
+
+    searched = [f"params.{k}" for k in space.keys()]
+    plotted = trials_df[[c for c in trials_df.columns if not c.startswith("params.") or c in searched]]
+    tsne = _best_model_tsne(best.run["run_id"], data, tracking_uri) if best is not None else None
+    with tempfile.TemporaryDirectory() as tmp:
+        write_study_report(plotted, tmp, M.VAL_ACCURACY, memory_metric, _searched_ranges(space))
+        write_seed_report(trials_df, space.keys(), Path(tmp) / "seed", tsne)
+        client.log_artifacts(parent, tmp, "report")
+        (Path(tmp) / "base_config.yaml").write_text(yaml.safe_dump(base.to_dict(), sort_keys=False))
+        client.log_artifact(parent, str(Path(tmp) / "base_config.yaml"))
+
+
+def _best_model_tsne(run_id: str, data: Any, tracking_uri: str) -> Any:
+    """t-SNE of the best model's test embeddings and prototypes, from its logged weights (the
+    safetensors file, no pickle) and the study's cached embeddings; None when the encoder was
+    fine-tuned (no cached embeddings to project)."""
+    import mlflow
+    import torch
+
+    from hpn.model import HPNClassifier
+    from tuning.pyfunc import MODEL_ARTIFACT
+    from tuning.seed_report import tsne_data
+
+    if data.features is None:
+        return None
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=f"{MODEL_ARTIFACT}/artifacts/hpn", dst_path=tmp,
+            tracking_uri=tracking_uri)
+        head = HPNClassifier.load(local).head
+    test = data.split.test
+    with torch.no_grad():
+        z = head.embed(torch.from_numpy(data.features[test])).numpy()  # (n_test, d)
+        protos = torch.nn.functional.normalize(head.prototypes.float(), dim=-1).numpy()
+    return tsne_data(z, data.corpus.labels[test], protos, head.groups.numpy(),
+                     data.corpus.label_names)
 
 
 def _plain(value: Any) -> Any:

@@ -1,0 +1,79 @@
+"""--repeats: Ray's Repeater over OptunaSearch, with its bookkeeping saved for a resume."""
+from __future__ import annotations
+
+import optuna
+import pytest
+from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search.repeater import TRIAL_INDEX
+
+from hpn.errors import HPNInputError
+from tuning.ray_tune import GROUP_KEY, SeedRepeats
+from tuning.samplers import make_sampler
+from tuning.spaces import load_space, resolve_space_path
+from tuning.study import resolve_scheduler
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def repeats(n: int = 3) -> SeedRepeats:
+    space = load_space(resolve_space_path("seed_grid"))
+    inner = OptunaSearch(space=space.define_by_run(), metric="val_accuracy", mode="max",
+                         sampler=make_sampler("grid", 0, space))
+    return SeedRepeats(inner, repeat=n)
+
+
+def test_each_config_is_proposed_once_per_repeat_with_its_index_and_group():
+    search = repeats(3)
+    configs = [search.suggest(f"t{i}") for i in range(6)]
+    assert [c[TRIAL_INDEX] for c in configs] == [0, 1, 2, 0, 1, 2]
+    assert [c[GROUP_KEY] for c in configs] == ["t0"] * 3 + ["t3"] * 3
+    cell = lambda c: (c["model.prototype_dim"], c["model.prototype_count"])  # noqa: E731
+    assert cell(configs[0]) == cell(configs[1]) == cell(configs[2]) != cell(configs[3])
+
+
+def test_the_sampler_is_told_the_mean_of_the_repeats_once_all_have_finished():
+    search = repeats(3)
+    for i in range(3):
+        search.suggest(f"t{i}")
+    search.on_trial_complete("t0", {"val_accuracy": 0.5})
+    search.on_trial_complete("t1", {"val_accuracy": 0.6})
+    study = search.searcher._ot_study
+    assert not [t for t in study.trials if t.state.is_finished()]
+    search.on_trial_complete("t2", {"val_accuracy": 0.7})
+    (done,) = [t for t in study.trials if t.state.is_finished()]
+    assert done.value == pytest.approx(0.6)
+
+
+def test_a_restored_searcher_still_groups_the_repeats_of_a_config(tmp_path):
+    # Ray's own Repeater saves only the inner searcher: a resumed study then fails with a
+    # KeyError when a repeat from before the interruption completes.
+    search = repeats(3)
+    for i in range(3):
+        search.suggest(f"t{i}")
+    search.on_trial_complete("t0", {"val_accuracy": 0.5})
+    search.save(str(tmp_path / "searcher.pkl"))
+
+    restored = repeats(3)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    restored.on_trial_complete("t1", {"val_accuracy": 0.6})
+    restored.on_trial_complete("t2", {"val_accuracy": 0.7})
+    (done,) = [t for t in restored.searcher._ot_study.trials if t.state.is_finished()]
+    assert done.value == pytest.approx(0.6)
+    nxt = restored.suggest("t3")
+    assert nxt[TRIAL_INDEX] == 0 and nxt[GROUP_KEY] == "t3"
+
+
+@pytest.mark.parametrize("sampler, repeats_, expected", [
+    ("tpe", 1, "asha"), ("grid", 1, "fifo"), ("tpe", 3, "fifo"), ("nsga2", 1, "fifo"),
+])
+def test_early_stopping_is_off_where_it_would_break_the_study(sampler, repeats_, expected):
+    assert resolve_scheduler(None, sampler, repeats_) == expected
+    assert resolve_scheduler("fifo", sampler, repeats_) == "fifo"
+
+
+@pytest.mark.parametrize("sampler, repeats_, why", [
+    ("grid", 1, "grid study trains every cell"), ("tpe", 3, "repeats are averaged"),
+])
+def test_asking_for_asha_on_a_grid_or_repeated_study_is_refused(sampler, repeats_, why):
+    with pytest.raises(HPNInputError, match=f"--scheduler asha: a? ?{why}"):
+        resolve_scheduler("asha", sampler, repeats_)
