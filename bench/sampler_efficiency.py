@@ -59,6 +59,7 @@ TABLE_VERSION = 1
 SEED_GRID_REPEATS = 3  # the seed project ran each of its 9 cells with seeds 42, 43, 44
 TOLERANCE = 0.005
 METRICS = ("val_accuracy", "test_accuracy", "runtime_s")
+AS_RUN = "grid as the seed ran it (9 x 3)"
 
 Cell = tuple  # ((key, value), ...) for the keys active in that cell, in space order
 
@@ -181,7 +182,11 @@ def read_table(path: Path, space: SearchSpace) -> dict[Cell, dict[str, Any]]:
     return table
 
 
-def build_table(setup: SpaceSetup, cache_dir: Path, log: Callable[[str], None] = print,
+def _log(line: str) -> None:
+    print(line, flush=True)
+
+
+def build_table(setup: SpaceSetup, cache_dir: Path, log: Callable[[str], None] = _log,
                 ) -> tuple[dict[Cell, dict[str, Any]], Path, float]:
     """Train every missing cell once (rewriting the CSV after each, so an interrupted run
     resumes); return the table, its path and the seconds spent training now."""
@@ -229,7 +234,28 @@ class SamplerSpec:
     n_startup_trials: int | None = None  # TPE variants only
 
 
-def sampler_for(spec: SamplerSpec, seed: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
+class CellOrderSampler(optuna.samplers.BaseSampler):
+    """Walks given cells in a seeded random order, each once (then from the start again):
+    what optuna's GridSampler does, for a fine grid it cannot hold (a conditional key)."""
+
+    def __init__(self, cells: Sequence[Cell], seed: int) -> None:
+        order = np.random.default_rng(seed).permutation(len(cells))
+        self.cells = [dict(cells[i]) for i in order]
+
+    def infer_relative_search_space(self, study, trial):
+        return {}
+
+    def sample_relative(self, study, trial, search_space):
+        return {}
+
+    def sample_independent(self, study, trial, name, param_distribution):
+        return self.cells[trial.number % len(self.cells)][name]
+
+
+def sampler_for(spec: SamplerSpec, seed: int, space: SearchSpace,
+                cells: Sequence[Cell] = ()) -> optuna.samplers.BaseSampler:
+    if spec.name == "cells":
+        return CellOrderSampler(cells, seed)
     if spec.n_startup_trials is None:
         return make_sampler(spec.name, seed, space)
     # hpn-tune's TPE (same arguments as tuning.samplers.make_sampler) with fewer start-up trials.
@@ -246,8 +272,8 @@ def default_samplers(space: SearchSpace) -> list[SamplerSpec]:
     try:
         space.grid()
         out.append(SamplerSpec("grid (its order)", "grid"))
-    except Exception:  # a continuous or conditional space has no optuna grid
-        pass
+    except Exception:  # a continuous or conditional space has no optuna grid: walk the fine
+        out.append(SamplerSpec("grid (its order)", "cells"))  # grid in a seeded order instead
     return out
 
 
@@ -311,7 +337,8 @@ def run_replays(spec: SamplerSpec, space: SearchSpace, points: dict[str, list],
     target = target_of(values, tolerance)
     counts, missed = [], 0
     for seed in seeds:
-        r = replay(sampler_for(spec, seed, space), space, points, values, target, max_trials)
+        r = replay(sampler_for(spec, seed, space, list(values)), space, points, values, target,
+                   max_trials)
         counts.append(float(r.trials if r.trials is not None else max_trials + 1))
         missed += r.trials is None
     return Summary(spec.label, counts, missed, max_trials)
@@ -417,9 +444,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     seeds = list(range(args.seeds))
-    header = ["space", "measure"]
+    header: list[str] = []
     rows: list[list[str]] = []
     notes: list[str] = []
+    extra_rows: list[list[str]] = []
+    extra_notes: list[str] = []
     results: dict[str, Any] = {}
     for setup in setups(args):
         table, path, trained_s = build_table(setup, Path(args.cache))
@@ -443,47 +472,73 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                            [[cell_label(c), f"{r['val_accuracy']:.4f}", f"{r['test_accuracy']:.4f}",
                              f"{r['runtime_s']:.1f}"] for c, r in table.items()]))
         max_trials = args.max_trials or min(10 * n, 600)
-        summaries = []
-        for spec in default_samplers(setup.space):
-            t0 = time.perf_counter()
-            summaries.append(run_replays(spec, setup.space, setup.points, values, seeds,
-                                         max_trials, args.tolerance))
-            print(f"[{setup.name}] replayed {spec.label:<16} x {len(seeds)} seeds: median "
-                  f"{summaries[-1].median:g} ({time.perf_counter() - t0:.1f} s)", flush=True)
-        by = {s.label: s for s in summaries}
-        if setup.name == "seed_grid":
-            as_run = fixed_summary("grid as the seed ran it (9 x 3)", n * SEED_GRID_REPEATS,
-                                   len(seeds))
-            summaries.append(as_run)
-            by[as_run.label] = as_run
-        labels = [s.label for s in summaries]
-        if len(header) == 2:
-            header += labels
-        elif header[2:] != labels:  # the default space has no optuna grid: pad its columns
-            pad = {s.label: s for s in summaries}
-            summaries = [pad.get(lab) for lab in header[2:]]
-        name = f"{setup.name} ({n} cells)"
-        rows += _rows_with_gaps(name, summaries)
-        for tpe_label in ("tpe", "tpe startup=5", "tpe startup=3"):
-            t = by[tpe_label]
-            parts = [f"random/{tpe_label} {ratio(by['random'], t)}"]
-            parts += [f"{g}/{tpe_label} {ratio(by[g], t)}" for g in
-                      ("grid (its order)", "grid as the seed ran it (9 x 3)") if g in by]
-            notes.append(f"{setup.name}: " + ", ".join(parts))
-        results[setup.name] = {
-            "cells": n, "table": str(path), "best_val": ok[best], "near_best": len(near),
-            "epochs": cfg.train.epochs, "size": cfg.data.size,
-            "summaries": {s.label: {"median": s.median, "q25": s.q25, "q75": s.q75,
-                                    "missed": s.missed, "counts": s.counts}
-                          for s in by.values()},
-        }
+        print(f"[{setup.name}] uniform random (with replacement) expects {n / len(near):.1f} "
+              f"trials on average ({len(near)} near-best of {n}); replays capped at {max_trials}")
+        tols = [(args.tolerance, rows, notes)]
+        if len(near) == len(ok):  # every cell is near-best: the main count is 1 for everyone
+            exact = [c for c, v in ok.items() if v >= target_of(values, 0.0)]
+            print(f"[{setup.name}] every cell is within {args.tolerance} of the best, so every "
+                  f"sampler needs 1 trial; supplementary: the exact best val_accuracy "
+                  f"(tolerance 0, {len(exact)} of {n} cells)")
+            tols.append((0.0, extra_rows, extra_notes))
+        results[setup.name] = {"cells": n, "table": str(path), "best_val": ok[best],
+                               "near_best": len(near), "epochs": cfg.train.epochs,
+                               "size": cfg.data.size}
+        for tol, out_rows, out_notes in tols:
+            by = compare(setup, values, seeds, max_trials, tol)
+            labels = list(by)
+            if not header:
+                header[:] = ["space", "measure", *labels]
+            for lab in labels:
+                if lab not in header:
+                    header.append(lab)
+            name = f"{setup.name} ({n} cells)" + ("" if tol == args.tolerance else f", tol {tol:g}")
+            out_rows += _rows_with_gaps(name, [by.get(lab) for lab in header[2:]])
+            out_notes += ratio_notes(name, by)
+            results[setup.name][f"tolerance {tol:g}"] = {
+                lab: {"median": s.median, "q25": s.q25, "q75": s.q75, "missed": s.missed,
+                      "counts": s.counts} for lab, s in by.items()}
     print(f"\nTrials to come within {args.tolerance} of the best cell's val_accuracy, "
           f"{len(seeds)} seeds per sampler (a repeated cell counts as a trial):\n")
-    print(markdown(header, rows))
+    print(markdown(header, [r + ["–"] * (len(header) - len(r)) for r in rows]))
     print("\nRatios of medians:")
     for line in notes:
         print(f"- {line}")
+    if extra_rows:
+        print("\nSupplementary: trials to propose a cell with the exact best val_accuracy "
+              "(tolerance 0), for spaces where every cell is within the tolerance:\n")
+        print(markdown(header, [r + ["–"] * (len(header) - len(r)) for r in extra_rows]))
+        print("\nRatios of medians:")
+        for line in extra_notes:
+            print(f"- {line}")
     return results
+
+
+def compare(setup: SpaceSetup, values: dict[Cell, float], seeds: Sequence[int],
+            max_trials: int, tolerance: float) -> dict[str, Summary]:
+    """Every sampler's replays on one table, plus the seed grid as the seed ran it."""
+    by: dict[str, Summary] = {}
+    for spec in default_samplers(setup.space):
+        t0 = time.perf_counter()
+        by[spec.label] = run_replays(spec, setup.space, setup.points, values, seeds, max_trials,
+                                     tolerance)
+        print(f"[{setup.name}] tol {tolerance:g}: replayed {spec.label:<16} x {len(seeds)} "
+              f"seeds: median {by[spec.label].median:g} ({time.perf_counter() - t0:.1f} s)",
+              flush=True)
+    if setup.name == "seed_grid":
+        by[AS_RUN] = fixed_summary(AS_RUN, len(values) * SEED_GRID_REPEATS, len(seeds))
+    return by
+
+
+def ratio_notes(name: str, by: dict[str, Summary]) -> list[str]:
+    out = []
+    for tpe_label in ("tpe", "tpe startup=5", "tpe startup=3"):
+        t = by[tpe_label]
+        parts = [f"random/{tpe_label} {ratio(by['random'], t)}"]
+        parts += [f"{g}/{tpe_label} {ratio(by[g], t)}" for g in ("grid (its order)", AS_RUN)
+                  if g in by]
+        out.append(f"{name}: " + ", ".join(parts))
+    return out
 
 
 def _rows_with_gaps(name: str, summaries: list[Summary | None]) -> list[list[str]]:

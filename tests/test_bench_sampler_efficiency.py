@@ -174,3 +174,18 @@ def test_cache_path_changes_with_the_config(tmp_path):
     b = se.setups(se.parse_args(["--space-set", "seed", "--epochs", "5",
                                  "--encoder-cache", str(tmp_path)]))[0].cache_path(tmp_path)
     assert a != b and a == se.setups(args)[0].cache_path(tmp_path)
+
+
+def test_quick_mode_trains_tiny_tables_caches_them_and_replays(tmp_path, cache_dir, capsys):
+    argv = ["--quick", "--cache", str(tmp_path / "tables"), "--encoder-cache", cache_dir]
+    first = se.main(argv)
+    out = capsys.readouterr().out
+    assert set(first) == {"seed_grid", "default"}
+    assert first["seed_grid"]["cells"] == 9 and first["default"]["cells"] == 2 * 2 * 2 + 2 * 2 * 2
+    assert "| space | measure | tpe |" in out and "random/tpe" in out
+    assert "training 9 of 9 cells" in out
+    again = se.main(argv)  # the second run reads both tables from the cache, trains nothing
+    out = capsys.readouterr().out
+    assert "cells from cache" in out and "of 9 cells ->" not in out
+    for space in ("seed_grid", "default"):
+        assert again[space]["best_val"] == first[space]["best_val"]

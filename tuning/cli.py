@@ -133,10 +133,14 @@ def cmd_promote(args: argparse.Namespace) -> dict[str, Any]:
     result = promote(_client(args.tracking_uri), args.model_name, study=args.study,
                      run_id=args.run_id, metric=args.metric, force=args.force)
     if result["promoted"]:
-        was = (f" (was version {result['champion_version']} at {result['champion_value']:.4f})"
-               if result["champion_version"] else "")
+        def test(value: float | None) -> str:
+            return f", test_accuracy {value:.4f}" if value is not None else ""
+
+        was = (f" (was version {result['champion_version']} at {result['champion_value']:.4f}"
+               f"{test(result['champion_test_accuracy'])})" if result["champion_version"] else "")
         print(f"{args.model_name}@champion -> version {result['version']} "
-              f"({args.metric} {result['candidate_value']:.4f}){was}")
+              f"({args.metric} {result['candidate_value']:.4f}"
+              f"{test(result['candidate_test_accuracy'])}){was}")
     else:
         print(result["reason"])
     return result
@@ -225,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study")
     p.add_argument("--run-id")
     p.add_argument("--model-name", default="hpn-persona")
-    p.add_argument("--metric", default="test_accuracy")
+    p.add_argument("--metric", default="val_accuracy",
+                   help="validation metric the gate compares (default val_accuracy); test "
+                   "accuracy is printed beside it, never used to choose")
     p.add_argument("--force", action="store_true", help="promote even if it is not better")
     p.add_argument("--tracking-uri")
 

@@ -88,6 +88,13 @@ def _version_metric(client: MlflowClient, version: Any, metric: str) -> float:
     raise HPNInputError(f"--metric: version {version.version} has no metric {metric!r}")
 
 
+def _optional_metric(client: MlflowClient, version: Any, metric: str) -> float | None:
+    try:
+        return _version_metric(client, version, metric)
+    except HPNInputError:
+        return None
+
+
 def _alias(client: MlflowClient, name: str, alias: str) -> Any | None:
     try:
         return client.get_model_version_by_alias(name, alias)
@@ -135,24 +142,43 @@ def _candidate(client: MlflowClient, name: str, study: str | None, run_id: str |
     return max(matches, key=lambda v: int(v.version))
 
 
+def _test_note(client: MlflowClient, version: Any) -> str:
+    """`, test_accuracy 0.7123`: reported beside the gate's number, never used to choose."""
+    try:
+        return f", {M.TEST_ACCURACY} {_version_metric(client, version, M.TEST_ACCURACY):.4f}"
+    except HPNInputError:
+        return ""
+
+
 def promote(client: MlflowClient, model_name: str = DEFAULT_MODEL_NAME, study: str | None = None,
-            run_id: str | None = None, metric: str = M.TEST_ACCURACY, force: bool = False) -> dict[str, Any]:
-    """Move `champion` to the candidate if it beats the champion on `metric` (or `force`)."""
+            run_id: str | None = None, metric: str = M.VAL_ACCURACY, force: bool = False) -> dict[str, Any]:
+    """Move `champion` to the candidate if it beats the champion on `metric` (or `force`).
+
+    The gate compares validation numbers: choosing on test would make the test number of the
+    champion an optimistic, selected one. Test accuracy is reported beside it.
+    """
+    if metric.startswith("test_"):
+        raise HPNInputError(f"--metric {metric}: promotion chooses on validation (e.g. "
+                            f"{M.VAL_ACCURACY}); test numbers are reported beside it, never used to choose")
     candidate = _candidate(client, model_name, study, run_id)
     score = _version_metric(client, candidate, metric)
     champion = _alias(client, model_name, CHAMPION)
     # Version numbers are ints from a SQL store and strs over REST: report them as strs.
     result = {"model_name": model_name, "version": str(candidate.version), "metric": metric,
-              "candidate_value": score, "champion_version": None, "champion_value": None}
+              "candidate_value": score, "champion_version": None, "champion_value": None,
+              "candidate_test_accuracy": _optional_metric(client, candidate, M.TEST_ACCURACY),
+              "champion_test_accuracy": None}
     if champion is not None:
         if champion.version == candidate.version:
             return {**result, "promoted": False, "reason": f"version {candidate.version} is already champion"}
         held = _version_metric(client, champion, metric)
-        result.update(champion_version=str(champion.version), champion_value=held)
+        result.update(champion_version=str(champion.version), champion_value=held,
+                      champion_test_accuracy=_optional_metric(client, champion, M.TEST_ACCURACY))
         if not force and not (math.isfinite(score) and score > held):
             raise PromotionRefused(
-                f"version {candidate.version} has {metric} {score:.4f}, not above champion "
-                f"version {champion.version} at {held:.4f}; nothing changed (use --force to override)")
+                f"version {candidate.version} has {metric} {score:.4f}{_test_note(client, candidate)}, "
+                f"not above champion version {champion.version} at {held:.4f}"
+                f"{_test_note(client, champion)}; nothing changed (use --force to override)")
         _set_alias(client, model_name, PREVIOUS, champion.version)
     _set_alias(client, model_name, CHAMPION, candidate.version)
     return {**result, "promoted": True}
