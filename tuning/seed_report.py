@@ -128,8 +128,9 @@ def tsne_data(embeddings: np.ndarray, labels: np.ndarray, prototypes: np.ndarray
               max_points: int = 2000) -> TsneData:
     """t-SNE of test embeddings and the prototypes in one map (they share the sphere).
 
-    At most `max_points` embeddings (a seeded sample): t-SNE's cost grows with n log n and
-    2,000 points keep it to seconds on 2 cores (see README).
+    At most `max_points` embeddings (a seeded sample) and 500 iterations (sklearn's default
+    is 1,000; the map has settled by then): 2,000 points + 200 prototypes took 24 s on a busy
+    2-core machine, against 48 s with the default iterations (see README).
     """
     from sklearn.manifold import TSNE
 
@@ -138,7 +139,7 @@ def tsne_data(embeddings: np.ndarray, labels: np.ndarray, prototypes: np.ndarray
     both = np.concatenate([embeddings[keep], prototypes]).astype(np.float64)
     perplexity = float(min(30.0, max(2.0, (len(both) - 1) / 3)))
     mapped = TSNE(n_components=2, init="pca", random_state=seed, perplexity=perplexity,
-                  metric="cosine").fit_transform(both)
+                  metric="cosine", max_iter=500).fit_transform(both)
     n = len(keep)
     return TsneData(mapped[:n], labels[keep].astype(int).tolist(), mapped[n:],
                     prototype_classes.astype(int).tolist(), list(label_names))
