@@ -18,6 +18,11 @@ Spaces:
     .venv/bin/python bench/sampler_efficiency.py [--space-set seed|default|both] [--seeds 20]
         [--epochs N] [--default-epochs N] [--size N] [--cache DIR] [--quick]
 
+Tables live under .hpn_cache/sampler_efficiency/ (git-ignored; --cache), named by a hash of
+the space file, the grid and the fixed config; a matching table is re-used (or completed after
+an interruption), so replays re-run without training. Where every cell is within the tolerance
+(the seed grid), a supplementary table also counts trials to the exact best (tolerance 0).
+
 Samplers: hpn-tune's own (`tuning.samplers.make_sampler`: tpe, random, cmaes, grid) plus, as
 extra rows, hpn-tune's TPE with fewer random start-up trials (n_startup_trials 5 and 3;
 Optuna's default, used by hpn-tune, is 10).
@@ -27,7 +32,6 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -47,11 +51,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-import optuna  # noqa: E402
+import numpy as np
+import optuna
 
-from tuning.samplers import make_sampler  # noqa: E402
-from tuning.spaces import ParamSpec, SearchSpace, load_space, resolve_space_path  # noqa: E402
+from hpn.errors import HPNInputError
+from tuning.samplers import make_sampler
+from tuning.spaces import ParamSpec, SearchSpace, load_space, resolve_space_path
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
@@ -164,11 +169,12 @@ def write_table(path: Path, space: SearchSpace, table: dict[Cell, dict[str, floa
     tmp = path.with_suffix(".tmp")
     with tmp.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow([*space.keys(), "status", *METRICS])
+        keys = [p.key for p in space.params]
+        w.writerow([*keys, "status", *METRICS])
         for cell, row in table.items():
             chosen = dict(cell)
             w.writerow([repr(chosen[k]) if isinstance(chosen.get(k), float) else chosen.get(k, "")
-                        for k in space.keys()]
+                        for k in keys]
                        + [row.get("status", "ok")] + [repr(float(row[m])) for m in METRICS])
     tmp.replace(path)
 
@@ -201,7 +207,7 @@ def build_table(setup: SpaceSetup, cache_dir: Path, log: Callable[[str], None] =
         return {c: table[c] for c in cells}, path, 0.0
     log(f"[{setup.name}] table: training {len(todo)} of {len(cells)} cells -> {path}")
     base = setup.config_for(cells[0])
-    for key in setup.space.keys():  # one prepare_data per space must serve every cell
+    for key in (p.key for p in setup.space.params):  # one prepare_data per space must serve every cell
         if key.startswith(("data.", "encoder.")):
             raise SystemExit(f"{key} is searched: each cell would need its own embeddings")
     t0 = time.perf_counter()
@@ -272,7 +278,7 @@ def default_samplers(space: SearchSpace) -> list[SamplerSpec]:
     try:
         space.grid()
         out.append(SamplerSpec("grid (its order)", "grid"))
-    except Exception:  # a continuous or conditional space has no optuna grid: walk the fine
+    except HPNInputError:  # a continuous or conditional space has no optuna grid: walk the fine
         out.append(SamplerSpec("grid (its order)", "cells"))  # grid in a seeded order instead
     return out
 
@@ -304,6 +310,29 @@ def replay(sampler: optuna.samplers.BaseSampler, space: SearchSpace, points: dic
             out.trials = n
             return out
     return out
+
+
+def random_hit_rate(space: SearchSpace, points: dict[str, list], values: dict[Cell, float],
+                    target: float, draws: int, seed: int = 12345) -> float:
+    """Share of random proposals (the space's own distributions, snapped) that are near-best:
+    not 1 / cells, since e.g. each prototype_mode gets half the draws whatever its cell count."""
+    study = optuna.create_study(direction="maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=seed))
+    suggest, hits = space.define_by_run(), 0
+    for _ in range(draws):
+        trial = study.ask()
+        suggest(trial)
+        v = values[snap(trial.params, space, points)]
+        hits += math.isfinite(v) and v >= target
+        study.tell(trial, 0.0)
+    return hits / draws
+
+
+def _geo_median(p: float) -> int | float:
+    """Median trials to the first hit when each trial hits independently with probability p."""
+    if p >= 1:
+        return 1
+    return math.ceil(math.log(0.5) / math.log(1 - p)) if p > 0 else math.inf
 
 
 def target_of(values: dict[Cell, float], tolerance: float = TOLERANCE) -> float:
@@ -356,16 +385,18 @@ def fmt(x: float, missed_cap: int | None = None) -> str:
     return f">{missed_cap}" if missed_cap is not None and x > missed_cap else s
 
 
-def summary_rows(name: str, summaries: list[Summary]) -> list[list[str]]:
-    med, iqr, mean, miss = [], [], [], []
+def summary_rows(name: str, summaries: list[Summary], within: int = 27) -> list[list[str]]:
+    med, iqr, mean, miss, share = [], [], [], [], []
     for s in summaries:
+        share.append(f"{sum(c <= within for c in s.counts) / len(s.counts):.0%}")
         cap = s.max_trials
         med.append(fmt(s.median, cap))
         iqr.append(f"{fmt(s.q25, cap)}–{fmt(s.q75, cap)}")
         mean.append(fmt(round(float(np.mean(s.counts)), 1)) + ("" if not s.missed else "*"))
         miss.append(f"{s.missed}/{len(s.counts)}")
     return [[name, "median trials", *med], [name, "IQR (25th–75th)", *iqr],
-            [name, "mean", *mean], [name, f"not reached in {summaries[0].max_trials}", *miss]]
+            [name, "mean", *mean], [name, f"seeds reaching it in <= {within} trials", *share],
+            [name, f"not reached in {summaries[0].max_trials}", *miss]]
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:
@@ -472,8 +503,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                            [[cell_label(c), f"{r['val_accuracy']:.4f}", f"{r['test_accuracy']:.4f}",
                              f"{r['runtime_s']:.1f}"] for c, r in table.items()]))
         max_trials = args.max_trials or min(10 * n, 600)
-        print(f"[{setup.name}] uniform random (with replacement) expects {n / len(near):.1f} "
-              f"trials on average ({len(near)} near-best of {n}); replays capped at {max_trials}")
+        p_hit = len(near) / n
+        geo_median = _geo_median(p_hit)
+        draws = 200 if args.quick else 4000
+        rate = random_hit_rate(setup.space, setup.points, values, target, draws)
+        print(f"[{setup.name}] {len(near)} near-best of {n} cells: a uniform draw over the cells "
+              f"would need mean {1 / p_hit:.1f}, median {geo_median} trials; a random proposal "
+              f"from the space's own distributions hits with p = {rate:.3f} ({draws} draws: mean "
+              f"{1 / rate if rate else math.inf:.1f}, median {_geo_median(rate)}); replays capped "
+              f"at {max_trials}")
         tols = [(args.tolerance, rows, notes)]
         if len(near) == len(ok):  # every cell is near-best: the main count is 1 for everyone
             exact = [c for c, v in ok.items() if v >= target_of(values, 0.0)]

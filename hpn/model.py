@@ -1,7 +1,7 @@
 """The HPN: a projection head onto the unit hypersphere scored against class prototypes.
 
-Prototypes are laid out class-major (`hpn.prototypes.prototype_classes` says which class owns
-each; extra negatives own none); a class's score is its best prototype's cosine. A saved model is a safetensors file plus a JSON file, so
+Prototypes are laid out class-major (`hpn.prototypes.prototype_classes` says which class
+owns each; extra negatives own none); a class's score is its best prototype's cosine. A saved model is a safetensors file plus a JSON file, so
 loading one never unpickles arbitrary objects.
 """
 from __future__ import annotations
@@ -49,8 +49,11 @@ class PrototypeHead(nn.Module):
         # config, so not saved.
         rivals = np.arange(len(classes)) if self.logits_over_prototypes else classes
         self.register_buffer("rivals", torch.as_tensor(rivals), persistent=False)
-        owned = torch.as_tensor(classes >= 0)
+        # Indices, not a boolean mask: masking a CUDA tensor syncs with the host every step.
+        owned = torch.as_tensor(np.flatnonzero(classes >= 0))
         self.register_buffer("owned", owned, persistent=False)
+        self.register_buffer("owned_classes", torch.as_tensor(classes[classes >= 0]),
+                             persistent=False)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.proj(x).float(), dim=-1)  # (batch, d) on the sphere
@@ -60,8 +63,8 @@ class PrototypeHead(nn.Module):
 
     def class_scores(self, cos: torch.Tensor) -> torch.Tensor:
         """(batch, count) prototype cosines -> (batch, C): each class's best prototype."""
-        owned = cos[:, self.owned]  # (batch, owned count)
-        index = self.groups[self.owned].expand(len(cos), -1)
+        owned = cos.index_select(1, self.owned)  # (batch, owned count)
+        index = self.owned_classes.expand(len(cos), -1)
         scores = cos.new_full((len(cos), self.num_classes), float("-inf"))
         return scores.scatter_reduce(1, index, owned, reduce="amax", include_self=False)
 

@@ -56,12 +56,7 @@ def prototype_classes(
     the one asked for: the seed grid's 50 over 14 classes is 4 x 8 + 3 x 6); `extra_negatives`
     gives prototype c to class c (c < C) and no class to the rest.
     """
-    if count <= 0 and assignment == "extra_negatives":
-        raise ConfigError(
-            "model.prototype_assignment=extra_negatives needs model.prototype_count (the total "
-            "number of prototypes, e.g. 100); set it"
-        )
-    if count <= 0:
+    if count <= 0:  # (config validation refuses extra_negatives without a count)
         return group_ids(num_classes, per_class)
     if count < num_classes:
         raise ConfigError(

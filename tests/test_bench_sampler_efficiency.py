@@ -110,7 +110,7 @@ def test_summary_median_iqr_and_misses():
     assert (s.median, s.q25, s.q75) == (5.5, 3.25, 7.75)
     rows = se.summary_rows("sp", [s])
     assert rows[0][2] == "5.5" and rows[1][2].count("–") == 1
-    assert rows[3][2] == "1/10"
+    assert rows[3][2] == "100%" and rows[4][2] == "1/10"
     assert se.fixed_summary("grid as run", 27, 10).median == 27
 
 

@@ -1,6 +1,8 @@
 """A total prototype count (the seed's `num_prototypes`) and how prototypes map to classes."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -135,3 +137,15 @@ def test_a_total_count_trains_saves_and_loads_with_its_prototypes(small_config, 
     loaded = HPNClassifier.load(tmp_path / "m")
     assert torch.equal(loaded.head.prototypes, protos)
     assert loaded.head.groups.tolist() == result.model.head.groups.tolist()
+
+
+def test_a_model_saved_before_prototype_counts_existed_still_loads(small_config, tmp_path):
+    result = train(small_config.with_updates({"train.epochs": 1}))
+    out = result.model.save(tmp_path / "old")
+    meta = json.loads((out / "hpn_model.json").read_text())
+    for key in ("prototype_count", "prototype_assignment"):  # what an older version wrote
+        del meta["model"][key]
+    (out / "hpn_model.json").write_text(json.dumps(meta))
+    loaded = HPNClassifier.load(out)
+    texts = ["A nurse who loves hiking.", "A tax lawyer in Lyon."]
+    assert loaded.predict(texts)[0] == result.model.predict(texts)[0]

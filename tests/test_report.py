@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from tuning.report import (
-    best_trial,
+    best_config,
     edge_data,
     heatmap_data,
     history_data,
@@ -58,12 +58,39 @@ def test_best_trial_is_the_completed_trial_with_the_highest_objective():
         {"state": "error", "val_accuracy": np.nan},
         {"state": "completed", "val_accuracy": 0.8},
     ])
-    assert best_trial(trials, "val_accuracy")["trial_id"] == "t3"
+    assert best_config(trials, "val_accuracy").run["trial_id"] == "t3"
 
 
 def test_best_trial_is_none_when_nothing_completed():
     trials = _trials([{"state": "error", "val_accuracy": np.nan}])
-    assert best_trial(trials, "val_accuracy") is None
+    assert best_config(trials, "val_accuracy") is None
+
+
+def _repeats(rows: list[tuple[str, str, float, float]]) -> pd.DataFrame:
+    return _trials([{"config_group": g, "state": s, "val_accuracy": v, "test_accuracy": t}
+                    for g, s, v, t in rows])
+
+
+def test_the_best_config_has_the_best_mean_validation_accuracy_over_its_repeats():
+    trials = _repeats([
+        ("a", "completed", 0.90, 0.60), ("a", "completed", 0.60, 0.95), ("a", "completed", 0.60, 0.9),
+        ("b", "completed", 0.75, 0.70), ("b", "completed", 0.74, 0.71), ("b", "completed", 0.76, 0.72),
+    ])
+    best = best_config(trials, "val_accuracy")
+    # a has the best single run (0.90) and the best test numbers; b the best validation mean
+    assert best.run["config_group"] == "b" and best.run["val_accuracy"] == 0.76
+    assert best.objective_mean == pytest.approx(0.75)
+    assert best.test_mean == pytest.approx(0.71) and best.repeats == 3
+
+
+def test_a_config_with_a_failed_repeat_is_passed_over_while_a_complete_one_exists():
+    trials = _repeats([
+        ("a", "completed", 0.90, 0.9), ("a", "error", np.nan, np.nan),
+        ("b", "completed", 0.70, 0.7), ("b", "completed", 0.72, 0.7),
+    ])
+    assert best_config(trials, "val_accuracy").run["config_group"] == "b"
+    only_partial = trials[trials["config_group"] == "a"]
+    assert best_config(only_partial, "val_accuracy").run["config_group"] == "a"
 
 
 def test_history_keeps_completion_order_and_a_running_best_over_completed_trials():

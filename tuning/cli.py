@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted study (needs --name)")
     p.add_argument("--seed", type=int, help="sampler seed (default: a new one per study, "
                    "recorded on the study's run and printed, to replay it)")
-    p.add_argument("--repeats", type=int, default=1,
+    p.add_argument("--repeats", type=int,
                    help="runs of each proposed config with train.seed, +1, ...; the sampler "
                    "sees their mean and each repeat is its own MLflow run (default 1)")
     p.add_argument("--model-name", default="hpn-persona", help="registered model for the best trial")

@@ -6,8 +6,6 @@ HPN with `hpn.train.train` and reports each epoch through `tune.report`.
 from __future__ import annotations
 
 import os
-import pickle
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,33 +56,15 @@ GROUP_KEY = "__config_group__"  # the first trial id of a config's repeats
 
 class SeedRepeats(Repeater):
     """Ray's Repeater: each proposed config runs `repeat` times and the searcher is told the
-    mean. Two additions: every repeat's config names its group (its first trial's id), and
-    the Repeater's own bookkeeping is saved with the searcher's, because Ray's Repeater saves
-    only the inner searcher and a resumed study would not know which repeats belong together
-    (it raises KeyError when a restored repeat completes)."""
+    mean. Every repeat's config also names its group (its first trial's id), which becomes an
+    MLflow tag. Resume needs nothing more: Tune's SearchGenerator saves each wrapper's
+    `get_state()` (the Repeater's groups) beside the inner searcher's checkpoint."""
 
     def suggest(self, trial_id: str) -> dict | None:
         config = super().suggest(trial_id)
         if isinstance(config, dict):
             config[GROUP_KEY] = self._trial_id_to_group[trial_id].primary_trial_id
         return config
-
-    def save(self, checkpoint_path: str) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            inner = Path(tmp) / "searcher.pkl"
-            self.searcher.save(str(inner))
-            state = {"searcher": inner.read_bytes(), "repeater": self.get_state()}
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(state, f)  # Ray's own searcher checkpoints are pickles too
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            state = pickle.load(f)
-        with tempfile.TemporaryDirectory() as tmp:
-            inner = Path(tmp) / "searcher.pkl"
-            inner.write_bytes(state["searcher"])
-            self.searcher.restore(str(inner))
-        self.set_state(state["repeater"])
 
 
 def init_ray(address: str | None) -> None:
@@ -123,9 +103,9 @@ def node_tags() -> dict[str, str]:
 
 
 #: Device memory a trial process holds outside torch's allocator: bench/RESULTS.md (GPU
-#: section) measured a bare CUDA context at 610 MiB per process (NVML per-process: 612 MiB)
-#: on an H100 with torch's lazy module loading; kernels and cuBLAS add more once it trains.
-CUDA_CONTEXT_MIB = 610
+#: section) measured a bare CUDA context at 610 MiB per process on an H100, and 740-760 MiB
+#: once a trial has trained (kernels, cuBLAS handles); the cap leaves room for the latter.
+CUDA_CONTEXT_MIB = 768
 #: The least share of the card the allocator keeps when the context alone fills a trial's share.
 MIN_ALLOCATOR_FRACTION = 0.01
 
@@ -198,6 +178,7 @@ def trial_fn(config: dict[str, Any], data: PreparedData, ctx: StudyContext) -> N
             run.end("pruned", "stopped early by the scheduler")
             raise
         except Exception as exc:
+            run.log_metrics(memory.usage())
             run.end("error", f"{type(exc).__name__}: {exc}")
             raise
     final = {**result.metrics, NUM_CLASSES_KEY: data.corpus.num_classes,

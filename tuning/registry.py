@@ -144,10 +144,8 @@ def _candidate(client: MlflowClient, name: str, study: str | None, run_id: str |
 
 def _test_note(client: MlflowClient, version: Any) -> str:
     """`, test_accuracy 0.7123`: reported beside the gate's number, never used to choose."""
-    try:
-        return f", {M.TEST_ACCURACY} {_version_metric(client, version, M.TEST_ACCURACY):.4f}"
-    except HPNInputError:
-        return ""
+    value = _optional_metric(client, version, M.TEST_ACCURACY)
+    return f", {M.TEST_ACCURACY} {value:.4f}" if value is not None else ""
 
 
 def promote(client: MlflowClient, model_name: str = DEFAULT_MODEL_NAME, study: str | None = None,

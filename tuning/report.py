@@ -87,11 +87,6 @@ def _unit(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.clip((values - low) / (high - low), 0.0, 1.0)
 
 
-def best_trial(trials: pd.DataFrame, objective: str = VAL_ACCURACY) -> pd.Series | None:
-    done = _finite(trials, objective)
-    return None if done.empty else done.loc[done[objective].idxmax()]
-
-
 class BestConfig(NamedTuple):
     run: pd.Series  # the run to register: the best on `objective` within the best config
     objective_mean: float  # over the config's completed repeats: what the sampler was told
@@ -101,11 +96,17 @@ class BestConfig(NamedTuple):
 
 def best_config(trials: pd.DataFrame, objective: str = VAL_ACCURACY) -> BestConfig | None:
     """The config with the best mean objective over its repeats (`config_group`), or the best
-    trial when a study has no repeats; chosen on validation, never on test."""
+    trial when a study has no repeats; chosen on validation, never on test. A config with a
+    failed or stopped repeat is passed over while any config has all its repeats complete:
+    its mean would rest on fewer, luckier runs."""
     done = _finite(trials, objective)
     if done.empty:
         return None
-    key = "config_group" if "config_group" in done.columns else "run_id"
+    key = next(k for k in ("config_group", "run_id", "trial_id") if k in done.columns)
+    failed = trials["state"].isin(("error", "pruned"))
+    incomplete = set(trials.loc[failed, key]) if key in trials.columns else set()
+    if not done[key].isin(incomplete).all():
+        done = done[~done[key].isin(incomplete)]
     means = done.groupby(key, sort=False)[objective].mean()
     cell = done[done[key] == means.idxmax()]
     test = cell[TEST_ACCURACY].astype(float).mean() if TEST_ACCURACY in cell.columns else math.nan
@@ -119,7 +120,7 @@ def history_data(trials: pd.DataFrame, objective: str = VAL_ACCURACY) -> History
         return HistoryData([], [], [], [])
     order = rows["order"].astype(int).tolist() if "order" in rows.columns else list(range(len(rows)))
     values = rows[objective].tolist()
-    # Best over completed trials only, so the last point is best_trial's value.
+    # Best over completed trials only, so the last point is the best trial's value.
     completed = rows[objective].where(rows["state"] == "completed")
     return HistoryData(order, values, completed.cummax().ffill().tolist(),
                        (rows["state"] == "pruned").tolist())
@@ -283,7 +284,7 @@ def _draw_parallel(d: ParallelData, objective: str) -> Figure:
     return fig
 
 
-def _draw_heatmap(d: HeatmapData, objective: str) -> Figure:
+def draw_heatmap(d: HeatmapData, objective: str) -> Figure:
     fig = Figure(figsize=(1.5 + 0.8 * len(d.counts), 1.5 + 0.5 * len(d.dims)))
     ax = fig.add_subplot()
     image = ax.imshow(d.mean, origin="lower", aspect="auto", cmap="viridis")
@@ -328,7 +329,7 @@ def write_study_report(trials: pd.DataFrame, out_dir: str | Path, objective: str
     if (p := parallel_data(trials, objective, space_ranges)).params and len(p.values) >= 2:
         figures["parallel_coordinates.png"] = _draw_parallel(p, objective)
     if (m := heatmap_data(trials, objective)).dims:
-        figures["accuracy_heatmap.png"] = _draw_heatmap(m, objective)
+        figures["accuracy_heatmap.png"] = draw_heatmap(m, objective)
     if memory_metric and (f := pareto_data(trials, objective, memory_metric)).values:
         figures["pareto_front.png"] = _draw_pareto(f, objective, memory_metric)
     for name, fig in figures.items():

@@ -21,7 +21,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from hpn import metrics as M
-from tuning.report import PARAM_PREFIX, HeatmapData, _draw_heatmap, heatmap_data
+from tuning.report import PARAM_PREFIX, HeatmapData, draw_heatmap, heatmap_data
 
 SUMMARY_METRICS = (M.VAL_ACCURACY, M.TEST_ACCURACY, M.RUNTIME_S)
 STATS = ("mean", "std", "min", "max")
@@ -43,7 +43,7 @@ def runs_table(trials: pd.DataFrame, searched: list[str]) -> pd.DataFrame:
 def cell_summary(runs: pd.DataFrame, searched: list[str]) -> pd.DataFrame:
     """Per cell, over its completed runs: n, and mean / std / min / max of each metric."""
     keys = [f"{PARAM_PREFIX}{k}" for k in searched if f"{PARAM_PREFIX}{k}" in runs.columns]
-    done = runs[runs["state"] == "completed"] if "state" in runs.columns else runs
+    done = _completed(runs)
     metrics = [m for m in SUMMARY_METRICS if m in done.columns]
     if done.empty or not keys or not metrics:
         return pd.DataFrame()
@@ -81,6 +81,10 @@ class TsneData(NamedTuple):
     label_names: list[str]
 
 
+def _completed(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs[runs["state"] == "completed"] if "state" in runs.columns else runs
+
+
 def _cell_label(row: pd.Series, keys: list[str]) -> str:
     return ", ".join(f"{k.removeprefix(PARAM_PREFIX).split('.')[-1]}={_short(row[k])}" for k in keys)
 
@@ -91,7 +95,7 @@ def _short(value: object) -> str:
 
 def accuracy_lines(runs: pd.DataFrame, x: str, series: str) -> LinesData:
     """Mean accuracy against column `x`, one line per value of column `series`."""
-    done = runs[runs["state"] == "completed"] if "state" in runs.columns else runs
+    done = _completed(runs)
     if done.empty or x not in done.columns or series not in done.columns:
         return LinesData(x, [], {})
     means = done.groupby([series, x])[ACCURACY].mean().unstack(x)
@@ -113,7 +117,7 @@ def runtime_bars(summary: pd.DataFrame, searched: list[str]) -> BarsData:
 
 def accuracy_boxes(runs: pd.DataFrame, searched: list[str]) -> BoxData:
     keys = [f"{PARAM_PREFIX}{k}" for k in searched if f"{PARAM_PREFIX}{k}" in runs.columns]
-    done = runs[runs["state"] == "completed"] if "state" in runs.columns else runs
+    done = _completed(runs)
     if done.empty or not keys or ACCURACY not in done.columns:
         return BoxData([], [])
     labels, values = [], []
@@ -219,10 +223,10 @@ def write_seed_report(trials: pd.DataFrame, searched: list[str], out_dir: str | 
         figures["accuracy_vs_prototype_count.png"] = _draw_lines(lines, "Accuracy vs prototype count")
     if (bars := runtime_bars(summary, searched)).labels:
         figures["runtime_per_configuration.png"] = _draw_bars(bars)
-    done = runs[runs["state"] == "completed"] if "state" in runs.columns else runs
+    done = _completed(runs)
     heat: HeatmapData = heatmap_data(done.assign(order=range(len(done))), ACCURACY)
     if heat.dims:
-        figures["accuracy_heatmap.png"] = _draw_heatmap(heat, ACCURACY)
+        figures["accuracy_heatmap.png"] = draw_heatmap(heat, ACCURACY)
     if (boxes := accuracy_boxes(runs, searched)).labels:
         figures["accuracy_distribution.png"] = _draw_boxes(boxes)
     if tsne is not None and len(tsne.points):

@@ -65,10 +65,12 @@ class SearchSpace:
         return {p.key: list(p.choices) if p.choices else _steps(p) for p in self.params}
 
     def base_values(self) -> dict[str, Any]:
-        """The constants plus each searched key at its first value: a complete config that
-        validates (extra negatives need a count even before a trial picks one); every trial
-        then replaces the searched keys with its own."""
-        return {**{p.key: _first_value(p) for p in self.params}, **self.constants}
+        """The constants plus each unconditional searched key at its first value: a config
+        that validates (extra negatives need a count even before a trial picks one). Every
+        trial replaces those keys with its own; a conditional key keeps its default, which is
+        what a trial without it runs with."""
+        firsts = {p.key: _first_value(p) for p in self.params if not p.when}
+        return {**firsts, **self.constants}
 
     def keys(self) -> list[str]:
         """The searched keys in suggestion order (the fixed ones are in `constants`)."""

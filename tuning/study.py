@@ -11,6 +11,7 @@ import shlex
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from hpn.config import load_config, parse_override
 from hpn.errors import HPNInputError
 from hpn.train import prepare_data
 from tuning import tracking
+from tuning.tracking import CONFIG_GROUP_TAG, REPEAT_TAG, STATE_TAG, TRIAL_ID_TAG, trial_runs
 from tuning.spaces import load_space, resolve_space_path
 
 DEFAULT_EXPERIMENT = "hpn-tune"
@@ -48,7 +50,8 @@ class StudyOptions:
     storage_path: str | None = None
     resume: bool = False
     seed: int | None = None  # sampler seed; None: a new one per study, recorded to replay it
-    repeats: int = 1  # runs of each proposed config, train.seed + 0, 1, ...; the sampler sees the mean
+    repeats: int | None = None  # runs of each config (train.seed, +1, ...; the sampler sees the
+    # mean); None: 1 for a new study, the recorded number on resume
     register: bool = True
     model_name: str = "hpn-persona"
     progress: bool = False
@@ -69,7 +72,7 @@ def _check(opts: StudyOptions) -> None:
         raise HPNInputError(f"--sampler: unknown sampler {opts.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if opts.scheduler is not None and opts.scheduler not in SCHEDULERS:
         raise HPNInputError(f"--scheduler: unknown scheduler {opts.scheduler!r}; choose asha or fifo")
-    if opts.repeats < 1:
+    if opts.repeats is not None and opts.repeats < 1:
         raise HPNInputError(f"--repeats: must be >= 1, got {opts.repeats}")
     if opts.seed is not None and not 0 <= opts.seed < 2**32:
         raise HPNInputError(f"--seed: must be between 0 and 2**32 - 1, got {opts.seed}")
@@ -79,9 +82,7 @@ def _check(opts: StudyOptions) -> None:
 
 def trials_frame(client: Any, experiment_id: str, parent_run_id: str) -> pd.DataFrame:
     """One row per trial child run: params.<key>, metrics, state, order."""
-    from tuning.tracking import CONFIG_GROUP_TAG, REPEAT_TAG, STATE_TAG, TRIAL_ID_TAG, trial_runs
-
-    rows = []
+    rows: list[dict[str, Any]] = []
     for run in trial_runs(client, experiment_id, parent_run_id):
         tags = run.data.tags
         row: dict[str, Any] = {
@@ -113,8 +114,6 @@ def _mark_lost_trials(client: Any, experiment_id: str, parent: str, known: set[s
     """Child runs of trials that Ray's saved state does not hold (the driver was killed
     after they finished but before Ray saved): kept, but tagged `lost` so no trial counts
     twice and reports skip them."""
-    from tuning.tracking import STATE_TAG, TRIAL_ID_TAG, trial_runs
-
     for run in trial_runs(client, experiment_id, parent):
         if run.data.tags.get(TRIAL_ID_TAG) not in known and run.data.tags.get(STATE_TAG) != "lost":
             client.set_tag(run.info.run_id, STATE_TAG, "lost")
@@ -168,9 +167,9 @@ def _new_plan(opts: StudyOptions) -> StudyPlan:
     # A seed per study: samplers with one fixed seed start from the same random configs, so
     # short studies would all report the same best config. Recorded, so it can be replayed.
     seed = opts.seed if opts.seed is not None else secrets.randbelow(2**31)
+    repeats = opts.repeats or 1
     return StudyPlan(space, _study_config(opts, space), opts.sampler,
-                     resolve_scheduler(opts.scheduler, opts.sampler, opts.repeats), seed,
-                     opts.repeats)
+                     resolve_scheduler(opts.scheduler, opts.sampler, repeats), seed, repeats)
 
 
 def _resume_plan(opts: StudyOptions, parent_run: Any) -> StudyPlan:
@@ -180,7 +179,7 @@ def _resume_plan(opts: StudyOptions, parent_run: Any) -> StudyPlan:
     tags = parent_run.data.tags
     seed, repeats = int(tags.get(tracking.SEED_TAG, 0)), int(tags.get(tracking.REPEATS_TAG, 1))
     for flag, given, held in (("--seed", opts.seed, seed), ("--repeats", opts.repeats, repeats)):
-        if given is not None and given != held and not (flag == "--repeats" and given == 1):
+        if given is not None and given != held:
             raise HPNInputError(f"--resume: {flag} {given} differs from the study's {held}; "
                                 f"drop {flag} to resume the study as it was")
     space = load_space(tags["hpn.space_file"])
@@ -381,7 +380,13 @@ def _write_reports(client: Any, parent: str, trials_df: pd.DataFrame, space: Any
 
     searched = [f"params.{k}" for k in space.keys()]
     plotted = trials_df[[c for c in trials_df.columns if not c.startswith("params.") or c in searched]]
-    tsne = _best_model_tsne(best.run["run_id"], data, tracking_uri) if best is not None else None
+    tsne = None
+    if best is not None:
+        try:
+            tsne = _best_model_tsne(best.run["run_id"], data, tracking_uri)
+        except Exception as exc:  # noqa: BLE001 (a picture must not fail a finished study)
+            warnings.warn(f"t-SNE of the best model skipped: {type(exc).__name__}: {exc}",
+                          stacklevel=1)
     with tempfile.TemporaryDirectory() as tmp:
         write_study_report(plotted, tmp, M.VAL_ACCURACY, memory_metric, _searched_ranges(space))
         write_seed_report(trials_df, space.keys(), Path(tmp) / "seed", tsne)

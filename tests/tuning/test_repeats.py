@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import optuna
 import pytest
+from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.repeater import TRIAL_INDEX
 
@@ -10,7 +11,7 @@ from hpn.errors import HPNInputError
 from tuning.ray_tune import GROUP_KEY, SeedRepeats
 from tuning.samplers import make_sampler
 from tuning.spaces import load_space, resolve_space_path
-from tuning.study import resolve_scheduler
+from tuning.study import StudyOptions, _new_plan, resolve_scheduler
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -44,17 +45,22 @@ def test_the_sampler_is_told_the_mean_of_the_repeats_once_all_have_finished():
     assert done.value == pytest.approx(0.6)
 
 
-def test_a_restored_searcher_still_groups_the_repeats_of_a_config(tmp_path):
-    # Ray's own Repeater saves only the inner searcher: a resumed study then fails with a
-    # KeyError when a repeat from before the interruption completes.
+def tune_wrapped(search: SeedRepeats) -> SearchGenerator:
+    """What Tune builds around our searcher: max_concurrent_trials adds a ConcurrencyLimiter."""
+    return SearchGenerator(ConcurrencyLimiter(search, max_concurrent=3))
+
+
+def test_a_resumed_study_still_groups_the_repeats_of_a_config(tmp_path):
+    # Saved and restored the way Tune does it at each experiment checkpoint and on resume.
     search = repeats(3)
+    gen = tune_wrapped(search)
     for i in range(3):
         search.suggest(f"t{i}")
     search.on_trial_complete("t0", {"val_accuracy": 0.5})
-    search.save(str(tmp_path / "searcher.pkl"))
+    gen.save_to_dir(str(tmp_path), session_str="s")
 
     restored = repeats(3)
-    restored.restore(str(tmp_path / "searcher.pkl"))
+    tune_wrapped(restored).restore_from_dir(str(tmp_path))
     restored.on_trial_complete("t1", {"val_accuracy": 0.6})
     restored.on_trial_complete("t2", {"val_accuracy": 0.7})
     (done,) = [t for t in restored.searcher._ot_study.trials if t.state.is_finished()]
@@ -77,3 +83,11 @@ def test_early_stopping_is_off_where_it_would_break_the_study(sampler, repeats_,
 def test_asking_for_asha_on_a_grid_or_repeated_study_is_refused(sampler, repeats_, why):
     with pytest.raises(HPNInputError, match=f"--scheduler asha: a? ?{why}"):
         resolve_scheduler("asha", sampler, repeats_)
+
+
+def test_each_study_draws_its_own_sampler_seed_unless_one_is_given():
+    # One fixed default seed made short TPE, random and CMA-ES studies start from the same
+    # random configs and report the same best config.
+    seeds = {_new_plan(StudyOptions(space="quick")).seed for _ in range(5)}
+    assert len(seeds) == 5
+    assert _new_plan(StudyOptions(space="quick", seed=7)).seed == 7

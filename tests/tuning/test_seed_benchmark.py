@@ -42,7 +42,7 @@ def test_the_seed_grid_with_three_repeats_trains_all_27_runs_and_leaves_the_seed
         space="seed_grid", sampler="grid", repeats=3, name="seed-bench", tracking_uri=uri,
         storage_path=str(tmp_path / "ray"), max_concurrent=3, register=False,
         overrides=["data.source=personahub", f"data.path={copy}", "data.labels=keywords",
-                   "data.size=0", "train.epochs=3", f"encoder.cache_dir={cache_dir}"]))
+                   "data.size=0", "train.epochs=4", f"encoder.cache_dir={cache_dir}"]))
     assert summary["trials_completed"] == 27 and summary["trials_pruned"] == 0
     assert summary["repeats"] == 3
 
@@ -58,14 +58,15 @@ def test_the_seed_grid_with_three_repeats_trains_all_27_runs_and_leaves_the_seed
         assert cell["config_group"].nunique() == 1
         assert sorted(cell["repeat"]) == [0, 1, 2]
         assert sorted(cell["params.train.seed"]) == [42, 43, 44]
-    # all 30 epochs... here 3: every run trained to the end (no early stopping in a grid)
+    # every run trained to the end: 4 epochs, past the first ASHA rung (3) a grid never uses
     for run_id in frame["run_id"]:
-        assert len(client.get_metric_history(run_id, M.VAL_ACCURACY)) == 3
+        assert len(client.get_metric_history(run_id, M.VAL_ACCURACY)) == 4
 
     # the seed's 11 keyword classes
     assert set(frame["num_classes"]) == {11}
 
     parent = summary["parent_run_id"]
+    assert client.get_run(parent).data.tags["hpn.seed"] == str(summary["seed"])  # replayable
     seed_files = {Path(f.path).name for f in client.list_artifacts(parent, "report/seed")}
     assert seed_files >= {"runs.csv", "cell_summary.csv", "accuracy_vs_dimension.png",
                           "accuracy_vs_prototype_count.png", "runtime_per_configuration.png",
