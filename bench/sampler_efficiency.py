@@ -17,6 +17,7 @@ Spaces:
 
     .venv/bin/python bench/sampler_efficiency.py [--space-set seed|default|both] [--seeds 20]
         [--epochs N] [--default-epochs N] [--size N] [--cache DIR] [--quick]
+        [--tpe-variant SPEC ...] [--variants-only] [--seed-start N] [--json PATH]
 
 Tables live under .hpn_cache/sampler_efficiency/ (git-ignored; --cache), named by a hash of
 the space file, the grid and the fixed config; a matching table is re-used (or completed after
@@ -26,11 +27,20 @@ an interruption), so replays re-run without training. Where every cell is within
 Samplers: hpn-tune's own (`tuning.samplers.make_sampler`: tpe, random, cmaes, grid) plus, as
 extra rows, hpn-tune's TPE with fewer random start-up trials (n_startup_trials 5 and 3;
 Optuna's default, used by hpn-tune, is 10).
+
+Extra TPE variants (not in the default output): `--tpe-variant SPEC`, repeatable, replays
+hpn-tune's TPE (multivariate=True, group=<space is conditional>, seed) with the keys in SPEC
+changed, e.g. "mv=0", "group=0", "startup=5,ei=64", "endpoints=1", "prior=2",
+"gamma=0.25" (min(ceil(0.25 n), 25) good trials; "hyperopt": min(ceil(0.25 sqrt n), 25)).
+mv=0 implies group=0 (Optuna allows group only with multivariate). `--variants-only` replays
+just tpe, random and the variants; `--seed-start N` uses seeds N..N+seeds-1 (a disjoint set);
+`--json PATH` writes the per-seed counts.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -238,6 +248,7 @@ class SamplerSpec:
     label: str  # column name in the output
     name: str  # tuning.samplers name
     n_startup_trials: int | None = None  # TPE variants only
+    tpe_kwargs: tuple = ()  # (key, value) pairs for --tpe-variant (TPESampler arguments)
 
 
 class CellOrderSampler(optuna.samplers.BaseSampler):
@@ -262,6 +273,14 @@ def sampler_for(spec: SamplerSpec, seed: int, space: SearchSpace,
                 cells: Sequence[Cell] = ()) -> optuna.samplers.BaseSampler:
     if spec.name == "cells":
         return CellOrderSampler(cells, seed)
+    if spec.tpe_kwargs:
+        kwargs: dict[str, Any] = {"multivariate": True, "group": space.conditional,
+                                  **dict(spec.tpe_kwargs)}
+        if not kwargs["multivariate"] and "group" not in dict(spec.tpe_kwargs):
+            kwargs["group"] = False
+        with warnings.catch_warnings():  # group is experimental; prior_weight, gamma, ...
+            warnings.simplefilter("ignore")  # are deprecated in optuna 4.9+ (still honoured)
+            return optuna.samplers.TPESampler(seed=seed, **kwargs)
     if spec.n_startup_trials is None:
         return make_sampler(spec.name, seed, space)
     # hpn-tune's TPE (same arguments as tuning.samplers.make_sampler) with fewer start-up trials.
@@ -271,7 +290,38 @@ def sampler_for(spec: SamplerSpec, seed: int, space: SearchSpace,
                                           n_startup_trials=spec.n_startup_trials)
 
 
-def default_samplers(space: SearchSpace) -> list[SamplerSpec]:
+def _gamma_fraction(fraction: float, n: int) -> int:
+    return min(math.ceil(fraction * n), 25)
+
+
+_TPE_KEYS = {"mv": ("multivariate", lambda v: bool(int(v))),
+             "group": ("group", lambda v: bool(int(v))),
+             "startup": ("n_startup_trials", int),
+             "ei": ("n_ei_candidates", int),
+             "endpoints": ("consider_endpoints", lambda v: bool(int(v))),
+             "prior": ("prior_weight", float),
+             "gamma": ("gamma", lambda v: optuna.samplers._tpe.sampler.hyperopt_default_gamma
+                       if v == "hyperopt" else functools.partial(_gamma_fraction, float(v)))}
+
+
+def tpe_variant(text: str) -> SamplerSpec:
+    """'startup=5,ei=64' -> hpn-tune's TPE with those arguments changed (see the docstring)."""
+    pairs = []
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        key, _, value = part.partition("=")
+        if key not in _TPE_KEYS or not value:
+            raise SystemExit(f"--tpe-variant {text!r}: {part!r}; keys: {', '.join(_TPE_KEYS)}")
+        name, conv = _TPE_KEYS[key]
+        pairs.append((name, conv(value)))
+    if not pairs:
+        raise SystemExit(f"--tpe-variant {text!r}: empty")
+    return SamplerSpec(f"tpe[{text}]", "tpe", tpe_kwargs=tuple(pairs))
+
+
+def default_samplers(space: SearchSpace, variants: Sequence[SamplerSpec] = (),
+                     variants_only: bool = False) -> list[SamplerSpec]:
+    if variants_only:
+        return [SamplerSpec("tpe", "tpe"), *variants, SamplerSpec("random", "random")]
     out = [SamplerSpec("tpe", "tpe"), SamplerSpec("tpe startup=5", "tpe", 5),
            SamplerSpec("tpe startup=3", "tpe", 3), SamplerSpec("random", "random"),
            SamplerSpec("cmaes", "cmaes")]
@@ -280,7 +330,7 @@ def default_samplers(space: SearchSpace) -> list[SamplerSpec]:
         out.append(SamplerSpec("grid (its order)", "grid"))
     except HPNInputError:  # a continuous or conditional space has no optuna grid: walk the fine
         out.append(SamplerSpec("grid (its order)", "cells"))  # grid in a seeded order instead
-    return out
+    return out[:3] + list(variants) + out[3:]
 
 
 @dataclass
@@ -463,6 +513,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="encoder.cache_dir: the embedding cache, re-used between runs")
     ap.add_argument("--quick", action="store_true",
                     help="tiny sizes for a smoke test: 300 texts, 2 epochs, coarse grid, 3 seeds")
+    ap.add_argument("--tpe-variant", action="append", default=[], type=tpe_variant,
+                    metavar="SPEC", help="extra TPE row, e.g. 'startup=5,ei=64' (repeatable)")
+    ap.add_argument("--variants-only", action="store_true",
+                    help="replay only tpe, random and the --tpe-variant rows")
+    ap.add_argument("--seed-start", type=int, default=0, help="first replay seed")
+    ap.add_argument("--json", help="write the per-seed counts to this file")
     args = ap.parse_args(argv)
     if args.quick:
         args.size = args.size or 300
@@ -474,7 +530,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.seed_start, args.seed_start + args.seeds))
     header: list[str] = []
     rows: list[list[str]] = []
     notes: list[str] = []
@@ -523,7 +579,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                "near_best": len(near), "epochs": cfg.train.epochs,
                                "size": cfg.data.size}
         for tol, out_rows, out_notes in tols:
-            by = compare(setup, values, seeds, max_trials, tol)
+            by = compare(setup, values, seeds, max_trials, tol,
+                         default_samplers(setup.space, args.tpe_variant, args.variants_only))
             labels = list(by)
             if not header:
                 header[:] = ["space", "measure", *labels]
@@ -549,14 +606,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print("\nRatios of medians:")
         for line in extra_notes:
             print(f"- {line}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"seeds": seeds, **results}, indent=1))
     return results
 
 
 def compare(setup: SpaceSetup, values: dict[Cell, float], seeds: Sequence[int],
-            max_trials: int, tolerance: float) -> dict[str, Summary]:
+            max_trials: int, tolerance: float,
+            specs: Sequence[SamplerSpec] | None = None) -> dict[str, Summary]:
     """Every sampler's replays on one table, plus the seed grid as the seed ran it."""
     by: dict[str, Summary] = {}
-    for spec in default_samplers(setup.space):
+    for spec in default_samplers(setup.space) if specs is None else specs:
         t0 = time.perf_counter()
         by[spec.label] = run_replays(spec, setup.space, setup.points, values, seeds, max_trials,
                                      tolerance)
@@ -570,7 +630,8 @@ def compare(setup: SpaceSetup, values: dict[Cell, float], seeds: Sequence[int],
 
 def ratio_notes(name: str, by: dict[str, Summary]) -> list[str]:
     out = []
-    for tpe_label in ("tpe", "tpe startup=5", "tpe startup=3"):
+    tpe_labels = [lab for lab in by if lab == "tpe" or lab.startswith(("tpe startup=", "tpe["))]
+    for tpe_label in tpe_labels:
         t = by[tpe_label]
         parts = [f"random/{tpe_label} {ratio(by['random'], t)}"]
         parts += [f"{g}/{tpe_label} {ratio(by[g], t)}" for g in ("grid (its order)", AS_RUN)

@@ -20,7 +20,7 @@ from hpn.config import Config
 from hpn.data import Corpus, Split, load_corpus
 from hpn.encode import TextEncoder, encode_texts, pick_device
 from hpn.memory import PeakMemory
-from hpn.model import HPNClassifier, PrototypeHead, initial_prototypes
+from hpn.model import HPNClassifier, PrototypeHead, head_classes, initial_prototypes
 from hpn.prototypes import separation, separation_loss
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -52,6 +52,7 @@ class TrainResult:
 
 def prepare_data(cfg: Config, progress: bool = False) -> PreparedData:
     corpus = load_corpus(cfg.data)
+    head_classes(corpus.num_classes, cfg.model)  # a count the corpus cannot use fails before the encode
     split = corpus.split(cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.seed)
     features = None
     if cfg.encoder.trainable_layers == 0:

@@ -149,3 +149,14 @@ def test_a_model_saved_before_prototype_counts_existed_still_loads(small_config,
     loaded = HPNClassifier.load(out)
     texts = ["A nurse who loves hiking.", "A tax lawyer in Lyon."]
     assert loaded.predict(texts)[0] == result.model.predict(texts)[0]
+
+
+def test_a_count_below_the_corpus_classes_fails_before_the_encoder_runs(small_config, monkeypatch):
+    import hpn.train
+
+    def no_encode(*args, **kwargs):
+        raise AssertionError("encoded before checking the prototype count")
+
+    monkeypatch.setattr(hpn.train, "encode_texts", no_encode)
+    with pytest.raises(ConfigError, match="model.prototype_count=5 is below the corpus's 14 classes"):
+        hpn.train.prepare_data(small_config.with_updates({"model.prototype_count": 5}))

@@ -35,13 +35,20 @@ def _model_card(run: Any, study: str | None, fingerprint: str) -> str:
         f"HPN persona classifier from study `{study}`, trial `{run.data.tags.get(TRIAL_ID_TAG)}`.",
         f"Encoder: {params.get('encoder.name')} ({params.get('encoder.pooling')} pooling, "
         f"{params.get('encoder.trainable_layers', '0')} fine-tuned layers); "
-        f"{params.get('model.prototype_mode')} prototypes, dimension {params.get('model.prototype_dim')}, "
-        f"{params.get('model.prototypes_per_class')} per class.",
+        f"{params.get('model.prototype_mode')} prototypes in dimension {params.get('model.prototype_dim')}, "
+        f"count {_count(run)} ({params.get('model.prototype_assignment', 'per_class')}).",
         "Metrics: " + ", ".join(f"{k} {run.data.metrics[k]:.4f}" for k in CARD_METRICS if k in run.data.metrics),
         f"Data: {params.get('data.source')} (fingerprint {fingerprint[:12] or '?'}).",
         "Input: a column `text` of raw persona descriptions. Output: `label`, `score`, `score_<class>`.",
     ]
     return "\n".join(lines)
+
+
+def _count(run: Any) -> str:
+    """The model's number of prototypes, however its config gave it."""
+    if M.NUM_PROTOTYPES in run.data.metrics:
+        return f"{run.data.metrics[M.NUM_PROTOTYPES]:.0f}"
+    return f"{run.data.params.get('model.prototypes_per_class')} per class"
 
 
 def register_run(client: MlflowClient, run_id: str, model_name: str = DEFAULT_MODEL_NAME) -> str:
@@ -172,6 +179,12 @@ def promote(client: MlflowClient, model_name: str = DEFAULT_MODEL_NAME, study: s
         held = _version_metric(client, champion, metric)
         result.update(champion_version=str(champion.version), champion_value=held,
                       champion_test_accuracy=_optional_metric(client, champion, M.TEST_ACCURACY))
+        mine, theirs = (v.tags.get("dataset_fingerprint") for v in (candidate, champion))
+        if not force and mine and theirs and mine != theirs:
+            raise PromotionRefused(
+                f"version {candidate.version} was trained on other data than champion version "
+                f"{champion.version} (dataset fingerprint {mine[:12]} vs {theirs[:12]}), so their "
+                f"{metric} are not comparable; nothing changed (use --force to override)")
         if not force and not (math.isfinite(score) and score > held):
             raise PromotionRefused(
                 f"version {candidate.version} has {metric} {score:.4f}{_test_note(client, candidate)}, "

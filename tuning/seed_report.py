@@ -218,17 +218,17 @@ def write_seed_report(trials: pd.DataFrame, searched: list[str], out_dir: str | 
     figures: dict[str, Figure] = {}
     count = M.NUM_PROTOTYPES
     if (lines := accuracy_lines(runs, DIM, count)).series:
-        figures["accuracy_vs_dimension.png"] = _draw_lines(lines, "Accuracy vs prototype dimension")
+        figures["test_accuracy_vs_dimension.png"] = _draw_lines(lines, "Accuracy vs prototype dimension")
     if (lines := accuracy_lines(runs, count, DIM)).series:
-        figures["accuracy_vs_prototype_count.png"] = _draw_lines(lines, "Accuracy vs prototype count")
+        figures["test_accuracy_vs_prototype_count.png"] = _draw_lines(lines, "Accuracy vs prototype count")
     if (bars := runtime_bars(summary, searched)).labels:
         figures["runtime_per_configuration.png"] = _draw_bars(bars)
     done = _completed(runs)
     heat: HeatmapData = heatmap_data(done.assign(order=range(len(done))), ACCURACY)
     if heat.dims:
-        figures["accuracy_heatmap.png"] = draw_heatmap(heat, ACCURACY)
+        figures["test_accuracy_heatmap.png"] = draw_heatmap(heat, ACCURACY)
     if (boxes := accuracy_boxes(runs, searched)).labels:
-        figures["accuracy_distribution.png"] = _draw_boxes(boxes)
+        figures["test_accuracy_distribution.png"] = _draw_boxes(boxes)
     if tsne is not None and len(tsne.points):
         figures["tsne_best_model.png"] = _draw_tsne(tsne)
     for name, fig in figures.items():

@@ -196,6 +196,17 @@ def _resume_plan(opts: StudyOptions, parent_run: Any) -> StudyPlan:
     return StudyPlan(space, base, tags["hpn.sampler"], tags["hpn.scheduler"], seed, repeats)
 
 
+def _check_counts(space: Any, num_classes: int) -> None:
+    """Every prototype count the space can propose must give each class a prototype."""
+    for p in space.params:
+        if p.key == "model.prototype_count":
+            low = min(p.choices) if p.choices else p.low
+            if low < num_classes:
+                raise HPNInputError(
+                    f"search space {space.path!r}: model.prototype_count can be {low}, below the "
+                    f"corpus's {num_classes} classes; raise it to >= {num_classes}")
+
+
 def resolve_scheduler(requested: str | None, sampler: str, repeats: int) -> str:
     """ASHA by default; FIFO where early stopping would break the study's promise: a grid
     trains every cell to the end, repeats are averaged over full runs, and ASHA stops on one
@@ -281,6 +292,7 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
         raise HPNInputError("--gpus-per-trial: the Ray cluster has no GPU; drop the flag to run on CPU")
 
     data = prepare_data(base, progress=opts.progress)
+    _check_counts(space, data.corpus.num_classes)
     if parent is None:
         parent = client.create_run(experiment_id, run_name=name, tags={
             tracking.STUDY_TAG: name, tracking.ROLE_TAG: "study",

@@ -178,6 +178,19 @@ def test_the_gate_refuses_a_worse_model_and_leaves_the_champion_in_place(store, 
     assert store.alias(model_name, PREVIOUS) is None
 
 
+def test_a_model_trained_on_other_data_is_not_compared_unless_forced(store, model_name):
+    good, best = store.register(model_name, "good", "best")
+    promote(store.client, model_name, run_id=store.run_ids["good"])
+    store.client.set_model_version_tag(model_name, best, "dataset_fingerprint", "f" * 64)
+
+    with pytest.raises(PromotionRefused, match="other data"):
+        promote(store.client, model_name, run_id=store.run_ids["best"])
+    assert store.alias(model_name, CHAMPION) == good
+
+    assert promote(store.client, model_name, run_id=store.run_ids["best"], force=True)["promoted"]
+    assert store.alias(model_name, CHAMPION) == best
+
+
 def test_promotion_never_chooses_on_test_metrics(store, model_name):
     store.register(model_name, "good")
     with pytest.raises(HPNInputError, match="--metric test_accuracy.*validation"):

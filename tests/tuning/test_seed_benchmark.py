@@ -68,9 +68,9 @@ def test_the_seed_grid_with_three_repeats_trains_all_27_runs_and_leaves_the_seed
     parent = summary["parent_run_id"]
     assert client.get_run(parent).data.tags["hpn.seed"] == str(summary["seed"])  # replayable
     seed_files = {Path(f.path).name for f in client.list_artifacts(parent, "report/seed")}
-    assert seed_files >= {"runs.csv", "cell_summary.csv", "accuracy_vs_dimension.png",
-                          "accuracy_vs_prototype_count.png", "runtime_per_configuration.png",
-                          "accuracy_heatmap.png", "accuracy_distribution.png",
+    assert seed_files >= {"runs.csv", "cell_summary.csv", "test_accuracy_vs_dimension.png",
+                          "test_accuracy_vs_prototype_count.png", "runtime_per_configuration.png",
+                          "test_accuracy_heatmap.png", "test_accuracy_distribution.png",
                           "tsne_best_model.png"}
     local = client.download_artifacts(parent, "report/seed", str(tmp_path / "out"))
     runs_csv = pd.read_csv(Path(local) / "runs.csv")
