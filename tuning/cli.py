@@ -202,16 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("run", cmd_run, "run a tuning study (Ray Tune + Optuna, logged to MLflow)")
     p.add_argument("--space", help="search space YAML (default search_spaces/default.yaml)")
-    p.add_argument("--trials", type=int, default=12)
+    p.add_argument("--trials", type=int, help="configs to try (default 12; on --resume the "
+                   "study's own)")
     p.add_argument("--config", help="YAML config file with the fixed keys")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--name", help="study name (needed for --resume)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
     p.add_argument("--experiment", default="hpn-tune", help="MLflow experiment")
     p.add_argument("--gpus-per-trial", type=float, help="GPU fraction per trial (default 0.25 with a GPU)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
-    p.add_argument("--max-concurrent", type=int, default=2)
-    p.add_argument("--sampler", default="tpe", help="tpe | random | cmaes | nsga2 | grid")
+    p.add_argument("--cpus-per-trial", type=float, help="default 1")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default 2)")
+    p.add_argument("--sampler", help="tpe (default) | random | cmaes | nsga2 | grid")
     p.add_argument("--scheduler", help="asha | fifo (default asha; fifo for grid, --repeats and "
                    "nsga2 studies, which must not stop trials early)")
     p.add_argument("--address", help="join an existing Ray cluster (auto, ray://host:10001, host:6379)")

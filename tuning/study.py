@@ -35,16 +35,16 @@ SCHEDULERS = ("asha", "fifo")
 @dataclass
 class StudyOptions:
     space: str | None = None
-    trials: int = 12
+    trials: int | None = None  # None: 12 for a new study, the recorded number on resume
     config: str | None = None
     overrides: list[str] = field(default_factory=list)
     name: str | None = None
     tracking_uri: str | None = None
     experiment: str = DEFAULT_EXPERIMENT
     gpus_per_trial: float | None = None  # None: 0.25 when the Ray cluster has a GPU, else 0
-    cpus_per_trial: float = 1.0
-    max_concurrent: int = 2
-    sampler: str = "tpe"
+    cpus_per_trial: float | None = None  # None: 1, or the recorded number on resume
+    max_concurrent: int | None = None  # None: 2, or the recorded number on resume
+    sampler: str | None = None  # None: tpe, or the recorded sampler on resume
     scheduler: str | None = None  # None: asha, but fifo for grid, repeated and multi-objective studies
     address: str | None = None
     storage_path: str | None = None
@@ -60,15 +60,15 @@ class StudyOptions:
 def _check(opts: StudyOptions) -> None:
     from tuning.samplers import SAMPLERS
 
-    if opts.trials < 1:
+    if opts.trials is not None and opts.trials < 1:
         raise HPNInputError(f"--trials: must be >= 1, got {opts.trials}")
-    if opts.max_concurrent < 1:
+    if opts.max_concurrent is not None and opts.max_concurrent < 1:
         raise HPNInputError(f"--max-concurrent: must be >= 1, got {opts.max_concurrent}")
-    if opts.cpus_per_trial <= 0:
+    if opts.cpus_per_trial is not None and opts.cpus_per_trial <= 0:
         raise HPNInputError(f"--cpus-per-trial: must be > 0, got {opts.cpus_per_trial}")
     if opts.gpus_per_trial is not None and not 0 <= opts.gpus_per_trial <= 8:
         raise HPNInputError(f"--gpus-per-trial: must be between 0 and 8, got {opts.gpus_per_trial}")
-    if opts.sampler not in SAMPLERS:
+    if opts.sampler is not None and opts.sampler not in SAMPLERS:
         raise HPNInputError(f"--sampler: unknown sampler {opts.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if opts.scheduler is not None and opts.scheduler not in SCHEDULERS:
         raise HPNInputError(f"--scheduler: unknown scheduler {opts.scheduler!r}; choose asha or fifo")
@@ -160,6 +160,10 @@ class StudyPlan:
     scheduler: str
     seed: int
     repeats: int
+    trials: int  # configs the sampler proposes (each run `repeats` times)
+    max_concurrent: int
+    cpus_per_trial: float
+    gpus_per_trial: float | None  # None: decided once Ray is up (0.25 with a GPU, else 0)
 
 
 def _new_plan(opts: StudyOptions) -> StudyPlan:
@@ -168,8 +172,11 @@ def _new_plan(opts: StudyOptions) -> StudyPlan:
     # short studies would all report the same best config. Recorded, so it can be replayed.
     seed = opts.seed if opts.seed is not None else secrets.randbelow(2**31)
     repeats = opts.repeats or 1
-    return StudyPlan(space, _study_config(opts, space), opts.sampler,
-                     resolve_scheduler(opts.scheduler, opts.sampler, repeats), seed, repeats)
+    sampler = opts.sampler or "tpe"
+    return StudyPlan(space, _study_config(opts, space), sampler,
+                     resolve_scheduler(opts.scheduler, sampler, repeats), seed, repeats,
+                     opts.trials or 12, opts.max_concurrent or 2, opts.cpus_per_trial or 1.0,
+                     opts.gpus_per_trial)
 
 
 def _resume_plan(opts: StudyOptions, parent_run: Any) -> StudyPlan:
@@ -177,10 +184,30 @@ def _resume_plan(opts: StudyOptions, parent_run: Any) -> StudyPlan:
     from hpn.config import from_dict
 
     tags = parent_run.data.tags
-    seed, repeats = int(tags.get(tracking.SEED_TAG, 0)), int(tags.get(tracking.REPEATS_TAG, 1))
-    for flag, given, held in (("--seed", opts.seed, seed), ("--repeats", opts.repeats, repeats)):
-        if given is not None and given != held:
-            raise HPNInputError(f"--resume: {flag} {given} differs from the study's {held}; "
+    if parent_run.info.status == "FINISHED":
+        raise HPNInputError(f"--resume: study {tags[tracking.STUDY_TAG]!r} already finished; "
+                            "nothing to resume (start a new study with another --name)")
+
+    def recorded(tag: str, cast: type, fallback: Any) -> Any:
+        # studies from before a setting was recorded: the flag, else the old default
+        return cast(tags[tag]) if tag in tags else fallback
+
+    held = {
+        "--seed": (opts.seed, recorded(tracking.SEED_TAG, int, 0)),
+        "--repeats": (opts.repeats, recorded(tracking.REPEATS_TAG, int, 1)),
+        "--trials": (opts.trials, recorded(tracking.TRIALS_TAG, int, opts.trials or 12)),
+        "--max-concurrent": (opts.max_concurrent,
+                             recorded(tracking.MAX_CONCURRENT_TAG, int, opts.max_concurrent or 2)),
+        "--cpus-per-trial": (opts.cpus_per_trial,
+                             recorded(tracking.CPUS_PER_TRIAL_TAG, float, opts.cpus_per_trial or 1.0)),
+        "--gpus-per-trial": (opts.gpus_per_trial,
+                             recorded(tracking.GPUS_PER_TRIAL_TAG, float, opts.gpus_per_trial)),
+        "--sampler": (opts.sampler, tags["hpn.sampler"]),
+        "--scheduler": (opts.scheduler, tags["hpn.scheduler"]),
+    }
+    for flag, (given, study) in held.items():
+        if given is not None and study is not None and given != study:
+            raise HPNInputError(f"--resume: {flag} {given} differs from the study's {study}; "
                                 f"drop {flag} to resume the study as it was")
     space = load_space(tags["hpn.space_file"])
     base = from_dict(json.loads(tags[BASE_CONFIG_TAG]))
@@ -193,7 +220,10 @@ def _resume_plan(opts: StudyOptions, parent_run: Any) -> StudyPlan:
             raise HPNInputError(
                 f"--resume: the given --space/--config/--set differ from the study's "
                 f"({', '.join(diff) or 'space file'}); drop them to resume the study as it was")
-    return StudyPlan(space, base, tags["hpn.sampler"], tags["hpn.scheduler"], seed, repeats)
+    value = {flag: study for flag, (_, study) in held.items()}
+    return StudyPlan(space, base, value["--sampler"], value["--scheduler"], value["--seed"],
+                     value["--repeats"], value["--trials"], value["--max-concurrent"],
+                     value["--cpus-per-trial"], value["--gpus-per-trial"])
 
 
 def _check_counts(space: Any, num_classes: int) -> None:
@@ -247,6 +277,7 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
     from tuning.samplers import grid_size, is_multi_objective, make_sampler
 
     _check(opts)
+    session_started = time.time()
     name = opts.name or time.strftime("study-%Y%m%d-%H%M%S")
     tracking_uri = tracking.resolve_tracking_uri(opts.tracking_uri)
     storage = opts.storage_path or str(Path.cwd() / "ray_results")
@@ -279,13 +310,13 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
         raise HPNInputError(f"--repeats: the {sampler_name} sampler optimises several metrics and "
                             "Ray's Repeater averages one; drop --repeats or use another --sampler")
     sampler = make_sampler(sampler_name, plan.seed, space)
-    trials = opts.trials
+    trials = plan.trials
     if sampler_name == "grid":
         trials = min(trials, grid_size(space))  # past the grid, Optuna repeats points
 
     ray_tune.init_ray(opts.address)
     _check_cluster_reach(opts, tracking_uri)
-    gpus = opts.gpus_per_trial
+    gpus = plan.gpus_per_trial
     if gpus is None:
         gpus = 0.25 if ray_tune.cluster_gpus() > 0 else 0.0
     elif gpus > 0 and ray_tune.cluster_gpus() == 0:
@@ -299,6 +330,8 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
             "hpn.space_file": str(Path(space.path).resolve()), "hpn.sampler": sampler_name,
             "hpn.scheduler": scheduler, "hpn.dataset_fingerprint": data.fingerprint,
             tracking.SEED_TAG: str(plan.seed), tracking.REPEATS_TAG: str(plan.repeats),
+            tracking.TRIALS_TAG: str(plan.trials), tracking.MAX_CONCURRENT_TAG: str(plan.max_concurrent),
+            tracking.CPUS_PER_TRIAL_TAG: str(plan.cpus_per_trial), tracking.GPUS_PER_TRIAL_TAG: str(gpus),
             "hpn.code_version": tracking.code_version(),
             "hpn.command": " ".join(shlex.quote(a) for a in sys.argv),
             BASE_CONFIG_TAG: json.dumps(base.to_dict()),
@@ -318,32 +351,32 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
     ctx = ray_tune.StudyContext(name, tracking_uri, experiment_id, parent, base.to_dict(), gpus,
                                 tuple(space.keys()))
     settings = ray_tune.TuneSettings(
-        trials=trials, max_concurrent=opts.max_concurrent, cpus_per_trial=opts.cpus_per_trial,
+        trials=trials, max_concurrent=plan.max_concurrent, cpus_per_trial=plan.cpus_per_trial,
         gpus_per_trial=gpus, scheduler=scheduler, storage_path=storage,
         metric=[M.VAL_ACCURACY, memory_metric] if multi else M.VAL_ACCURACY,
         mode=["max", "min"] if multi else "max", epochs=base.train.epochs, repeats=plan.repeats,
     )
-    started = time.time()
     try:
         ray_tune.run_tuner(space.define_by_run(), sampler, data, ctx, settings, opts.resume)
     except BaseException as exc:
+        _log_wall(client, parent, session_started)
         client.set_terminated(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
-    wall = time.time() - started
     statuses = ray_tune.trial_statuses(exp_path)
     _mark_lost_trials(client, experiment_id, parent, set(statuses))
     finished = sum(s in ("TERMINATED", "ERROR") for s in statuses.values())
     if finished < trials * plan.repeats:  # Ray's fit() returns normally after a Ctrl-C
+        _log_wall(client, parent, session_started)
         client.set_terminated(parent, "KILLED")
         raise StudyInterrupted(
-            f"study {name!r} stopped with {finished} of {trials * plan.repeats} trials finished; continue it "
-            f"with: hpn-tune run --name {name} --resume" +
-            (f" --storage-path {opts.storage_path}" if opts.storage_path else ""))
+            f"study {name!r} stopped with {finished} of {trials * plan.repeats} trials finished; "
+            f"continue it with: {resume_command(opts, name)}")
 
     trials_df = trials_frame(client, experiment_id, parent)
     best = best_config(trials_df, M.VAL_ACCURACY)
     _write_reports(client, parent, trials_df, space, base, data, best, tracking_uri,
                    memory_metric if multi else None)
+    wall = _log_wall(client, parent, session_started)
     states = trials_df["state"].value_counts().to_dict() if not trials_df.empty else {}
     summary: dict[str, Any] = {
         "study": name,
@@ -381,6 +414,28 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
 
         summary["registered_version"] = register_run(client, best.run["run_id"], opts.model_name)
     return summary
+
+
+def _log_wall(client: Any, parent: str, session_started: float) -> float:
+    """Add this session's wall time (encode, trials, report) to the study's own, which a
+    resumed study carries across its interruptions; returns the study's total."""
+    history = client.get_metric_history(parent, tracking.WALL_METRIC)
+    before = max((m.value for m in history), default=0.0)
+    total = before + time.time() - session_started
+    client.log_metric(parent, tracking.WALL_METRIC, total, step=len(history))
+    return total
+
+
+def resume_command(opts: StudyOptions, name: str) -> str:
+    """The command that continues this study, with whatever locates it (store, experiment,
+    Ray state, cluster); the study's own settings are recorded and need no flags."""
+    words = ["hpn-tune", "run", "--name", name, "--resume"]
+    for flag, value in (("--tracking-uri", opts.tracking_uri),
+                        ("--experiment", None if opts.experiment == DEFAULT_EXPERIMENT else opts.experiment),
+                        ("--storage-path", opts.storage_path), ("--address", opts.address)):
+        if value:
+            words += [flag, value]
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def _write_reports(client: Any, parent: str, trials_df: pd.DataFrame, space: Any, base: Any,

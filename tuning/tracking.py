@@ -27,6 +27,12 @@ REPEAT_TAG = "hpn.repeat"
 CONFIG_GROUP_TAG = "hpn.config_group"
 SEED_TAG = "hpn.seed"  # the study's sampler seed (replayable)
 REPEATS_TAG = "hpn.repeats"
+# What a study was started with, so `--resume --name S` continues it as it was.
+TRIALS_TAG = "hpn.trials"
+MAX_CONCURRENT_TAG = "hpn.max_concurrent"
+CPUS_PER_TRIAL_TAG = "hpn.cpus_per_trial"
+GPUS_PER_TRIAL_TAG = "hpn.gpus_per_trial"
+WALL_METRIC = "study_wall_s"  # the study's own wall time, summed over its sessions
 # Where a trial ran. The hostname alone cannot tell apart two Ray nodes on one machine (or
 # two containers sharing a host name), so the Ray node id and node IP go beside it.
 NODE_TAG = "hpn.node"

@@ -1,7 +1,9 @@
 """Studies end to end: real Ray runtime, real Optuna sampler, real MLflow server."""
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -150,14 +152,15 @@ def test_a_set_on_a_searched_key_is_refused_before_anything_starts(tmp_path, cac
         run_study(options(tmp_path, cache_dir, uri, "conflict", overrides=["train.lr=0.1"]))
 
 
-def test_ctrl_c_stops_the_study_as_interrupted_and_points_to_resume(
+def test_ctrl_c_stops_the_study_and_the_printed_command_resumes_it_to_the_end(
         tmp_path, cache_dir, ray_runtime):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    argv = [sys.executable, "-m", "tuning.cli", "run", "--space", "quick", "--trials", "20",
+    # 7 trials, not the default 12: the resume must use the study's own count
+    argv = [sys.executable, "-m", "tuning.cli", "run", "--space", "quick", "--trials", "7",
             "--max-concurrent", "1", "--name", "ctrl-c", "--tracking-uri", uri,
             "--storage-path", str(tmp_path / "ray"), "--address", ray_runtime,
             "--scheduler", "fifo", "--no-register", "--set", "data.size=600",
-            "--set", f"encoder.cache_dir={cache_dir}", "--set", "train.epochs=20"]
+            "--set", f"encoder.cache_dir={cache_dir}", "--set", "train.epochs=30"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     client = MlflowClient(uri)
     deadline = time.time() + 240
@@ -169,8 +172,49 @@ def test_ctrl_c_stops_the_study_as_interrupted_and_points_to_resume(
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert "hpn-tune run --name ctrl-c --resume" in err.strip().splitlines()[-1]
+    last = err.strip().splitlines()[-1]
+    assert "continue it with: hpn-tune run --name ctrl-c --resume" in last
     study = client.search_runs([client.get_experiment_by_name("hpn-tune").experiment_id],
                                "tags.`hpn.role` = 'study'")[0]
     assert study.info.status == "KILLED"
     assert "best_val_accuracy" not in study.data.metrics  # no report, no registration
+    first_session = study.data.metrics["study_wall_s"]
+
+    # The command exactly as printed (with this interpreter) finishes the study.
+    printed = shlex.split(last.split("continue it with: ", 1)[1])
+    assert printed[:2] == ["hpn-tune", "run"]
+    resumed = subprocess.run([sys.executable, "-m", "tuning.cli", *printed[1:], "--json"],
+                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert summary["trials_completed"] == 7
+    assert summary["wall_s"] > first_session  # the study's own time, across both sessions
+    assert client.get_run(study.info.run_id).info.status == "FINISHED"
+
+    # Resuming a finished study is refused, and it stays FINISHED.
+    again = subprocess.run([sys.executable, "-m", "tuning.cli", *printed[1:]],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert again.returncode == 2 and "already finished" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1, again.stderr
+    assert client.get_run(study.info.run_id).info.status == "FINISHED"
+
+
+def test_a_resume_flag_that_contradicts_the_recorded_study_is_refused(tmp_path, cache_dir):
+    from hpn.errors import HPNInputError
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = options(tmp_path, cache_dir, uri, "recorded", trials=2, scheduler="fifo",
+                    register=False)
+    client = MlflowClient(uri)
+    summary = run_study(first)
+    parent = summary["parent_run_id"]
+    tags = client.get_run(parent).data.tags
+    assert (tags["hpn.trials"], tags["hpn.max_concurrent"], tags["hpn.cpus_per_trial"]) == \
+        ("2", "2", "1.0")
+    client.update_run(parent, status="KILLED")  # as if interrupted
+    for flag, kw in (("--trials", {"trials": 5}), ("--sampler", {"sampler": "random"}),
+                     ("--max-concurrent", {"max_concurrent": 1})):
+        opts = options(tmp_path, cache_dir, uri, "recorded", resume=True, register=False, **{
+            "trials": None, "max_concurrent": None, **kw})
+        with pytest.raises(HPNInputError, match=f"{flag} .* differs from the study's"):
+            run_study(opts)
