@@ -6,6 +6,7 @@ HPN with `hpn.train.train` and reports each epoch through `tune.report`.
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from hpn.train import NonFiniteLossError, PreparedData, train
 from tuning.tracking import (
     CONFIG_GROUP_TAG,
     NODE_IP_TAG,
+    close_trial_run,
     RAY_NODE_ID_TAG,
     REPEAT_TAG,
     STATE_TAG,
@@ -143,7 +145,7 @@ def trial_fn(config: dict[str, Any], data: PreparedData, ctx: StudyContext) -> N
     tags = {**node_tags(), REPEAT_TAG: str(repeat),
             CONFIG_GROUP_TAG: str(config.get(GROUP_KEY, trial_id))}
     run = TrialRun(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, trial_id, ctx.study,
-                   {**cfg.to_flat(), "trial_id": trial_id}, tags)
+                   {**cfg.to_flat(), "trial_id": trial_id}, tags, trial_number(trial_id))
     if run.finished_metrics is not None:
         # Finished before the driver was killed, but after Ray last saved its state: the
         # MLflow run is the record, so replay it instead of training again.
@@ -151,10 +153,12 @@ def trial_fn(config: dict[str, Any], data: PreparedData, ctx: StudyContext) -> N
         return
     started = time.time()
     pending: list[dict[str, float]] = []
+    trained = [0]  # epochs done, for the reason a stopped trial gives
 
     def on_epoch(epoch: int, row: dict[str, float]) -> None:
         # Report one epoch late, so the last epoch's report carries the final test metrics
         # and ASHA sees exactly `epochs` iterations.
+        trained[0] = epoch
         run.log_metrics({k: row[k] for k in M.EPOCH_METRICS}, step=epoch)
         if pending:
             tune.report(pending.pop())
@@ -175,7 +179,7 @@ def trial_fn(config: dict[str, Any], data: PreparedData, ctx: StudyContext) -> N
             raise
         except SystemExit:  # Ray stopped the trial at a report (ASHA)
             run.log_metrics(memory.usage())
-            run.end("pruned", "stopped early by the scheduler")
+            run.end("pruned", pruned_reason(trained[0]))
             raise
         except Exception as exc:
             run.log_metrics(memory.usage())
@@ -191,6 +195,21 @@ def trial_fn(config: dict[str, Any], data: PreparedData, ctx: StudyContext) -> N
     log_pyfunc(run.client, run.run_id, result.model)
     run.end("completed")
     tune.report({**final, DONE_KEY: True})
+
+
+def trial_number(trial_id: str) -> int | None:
+    """The study's count of this trial (1, 2, ...): Tune's search generator numbers trials
+    in its experiment tag (saved across a resume), which starts the trial's directory name
+    after the id: `trial_fn_03b9977f_26_config...`."""
+    name = Path(tune.get_context().get_trial_dir() or "").name
+    match = re.search(rf"_{re.escape(trial_id)}_(\d+)", name)
+    return int(match.group(1)) if match else None
+
+
+def pruned_reason(epoch: float | None) -> str:
+    after = f" after epoch {int(epoch)}" if epoch else ""
+    return (f"Stopped early by the ASHA scheduler{after}: its val_accuracy was below the cut-off "
+            "of that rung, where only the best third of trials go on. Not a failure.")
 
 
 class FinalizeTrialRuns(tune.Callback):
@@ -212,14 +231,11 @@ class FinalizeTrialRuns(tune.Callback):
         )
         if not runs or runs[0].data.tags.get(STATE_TAG):
             return
-        client.set_tag(runs[0].info.run_id, STATE_TAG, state)
-        if reason:
-            client.set_tag(runs[0].info.run_id, "hpn.error", reason[:5000])
-        client.set_terminated(runs[0].info.run_id, status="KILLED" if state == "pruned" else "FAILED")
+        close_trial_run(client, runs[0].info.run_id, state, reason)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if not (trial.last_result or {}).get(DONE_KEY):
-            self._close(trial, "pruned", "stopped early by the scheduler")
+            self._close(trial, "pruned", pruned_reason((trial.last_result or {}).get(M.EPOCH)))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._close(trial, "error", str(getattr(trial, "error_msg", "") or "trial raised"))

@@ -18,7 +18,12 @@ from hpn.errors import HPNInputError
 
 TRIAL_ID_TAG = "hpn.trial_id"
 STUDY_TAG = "hpn.study"
-STATE_TAG = "hpn.trial_state"  # completed | pruned | error
+STATE_TAG = "hpn.trial_state"  # completed | pruned | error | lost
+ERROR_TAG = "hpn.error"  # why a trial failed
+NOTE_TAG = "mlflow.note.content"  # a run's description in the MLflow UI
+#: MLflow status per trial state: a pruned trial did what the scheduler asked, so it is
+#: FINISHED (its state tag says pruned) and only real failures show as failed in the UI.
+RUN_STATUS = {"completed": "FINISHED", "pruned": "FINISHED"}
 PARENT_TAG = "mlflow.parentRunId"
 ROLE_TAG = "hpn.role"  # study | trial
 # With --repeats N, one proposed config runs N times (train.seed, +1, +2, ...): each repeat is
@@ -106,6 +111,24 @@ def trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> 
     )
 
 
+def trial_run_name(study: str, number: int | None, trial_id: str) -> str:
+    """`<study>-t007` for the study's 7th trial: readable in the UI's run list (Ray's hex
+    trial id stays the `hpn.trial_id` tag); the id itself when the number is unknown."""
+    return f"{study}-t{number:03d}" if number else trial_id
+
+
+def close_trial_run(client: MlflowClient, run_id: str, state: str, reason: str | None = None) -> None:
+    """End a trial's run in `state`, with the reason as its description (and, for a failure,
+    as the `hpn.error` tag). The one place a trial run is closed, by the trial or for it."""
+    tags = [RunTag(STATE_TAG, state)]
+    if reason:
+        tags.append(RunTag(NOTE_TAG, reason[:5000]))
+        if state == "error":
+            tags.append(RunTag(ERROR_TAG, reason[:5000]))
+    client.log_batch(run_id, tags=tags)
+    client.set_terminated(run_id, status=RUN_STATUS.get(state, "FAILED"))
+
+
 def _param_value(value: Any) -> str:
     return str(value)[:6000]
 
@@ -114,7 +137,8 @@ class TrialRun:
     """One trial's child run. Re-opened (never duplicated) when a resumed study re-runs it."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str,
-                 study: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> None:
+                 study: str, params: dict[str, Any], tags: dict[str, str] | None = None,
+                 number: int | None = None) -> None:
         self.client = MlflowClient(tracking_uri)
         where = {NODE_TAG: socket.gethostname(), **(tags or {})}  # node and repeat tags
         existing = self.client.search_runs(
@@ -130,7 +154,7 @@ class TrialRun:
                 self.finished_metrics = dict(existing[0].data.metrics)
                 return
             self.client.update_run(self.run_id, status="RUNNING")
-            for stale in (STATE_TAG, "hpn.error"):  # from the interrupted attempt
+            for stale in (STATE_TAG, ERROR_TAG, NOTE_TAG):  # from the interrupted attempt
                 if stale in existing[0].data.tags:
                     self.client.delete_tag(self.run_id, stale)
             # A resumed trial may run on another node than its first attempt did.
@@ -138,7 +162,7 @@ class TrialRun:
         else:
             run = self.client.create_run(
                 experiment_id,
-                run_name=trial_id,
+                run_name=trial_run_name(study, number, trial_id),
                 tags={PARENT_TAG: parent_run_id, TRIAL_ID_TAG: trial_id, STUDY_TAG: study,
                       ROLE_TAG: "trial", **where},
             )
@@ -158,9 +182,4 @@ class TrialRun:
             self.client.log_batch(self.run_id, metrics=batch)
 
     def end(self, state: str, reason: str | None = None) -> None:
-        tags = [RunTag(STATE_TAG, state)]
-        if reason:
-            tags.append(RunTag("hpn.error", reason[:5000]))
-        self.client.log_batch(self.run_id, tags=tags)
-        status = {"completed": "FINISHED", "pruned": "KILLED"}.get(state, "FAILED")
-        self.client.set_terminated(self.run_id, status=status)
+        close_trial_run(self.client, self.run_id, state, reason)

@@ -123,3 +123,9 @@ def test_asha_prunes_bad_trials_and_they_keep_what_they_reached(tmp_path, cache_
         assert {M.RUNTIME_S, M.PEAK_RSS_MB, M.VAL_ACCURACY} <= set(run.data.metrics)
         assert 0 < run.data.metrics[M.RUNTIME_S] and run.data.metrics[M.PEAK_RSS_MB] > 0
         assert len(client.get_metric_history(run_id, M.VAL_ACCURACY)) < 9
+        # shown as what it is: finished early on purpose, not failed, with the reason
+        assert run.info.status == "FINISHED"
+        assert "Stopped early by the ASHA scheduler after epoch" in run.data.tags["mlflow.note.content"]
+        assert "hpn.error" not in run.data.tags
+    names = [client.get_run(r).info.run_name for r in frame["run_id"]]
+    assert sorted(names) == [f"pruning-t{i:03d}" for i in range(1, 9)]  # readable, in order
