@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from hpn import metrics as M
 from hpn.errors import HPNInputError
 from tuning.pyfunc import MODEL_ARTIFACT
-from tuning.tracking import STUDY_TAG, TRIAL_ID_TAG
+from tuning.tracking import FINGERPRINT_TAG, STUDY_TAG, TRIAL_ID_TAG
 
 CHAMPION, PREVIOUS = "champion", "previous"
 DEFAULT_MODEL_NAME = "hpn-persona"
@@ -70,7 +70,7 @@ def register_run(client: MlflowClient, run_id: str, model_name: str = DEFAULT_MO
         except MlflowException:
             pass  # created concurrently by another study
     parent = run.data.tags.get("mlflow.parentRunId")
-    fingerprint = client.get_run(parent).data.tags.get("hpn.dataset_fingerprint", "") if parent else ""
+    fingerprint = client.get_run(parent).data.tags.get(FINGERPRINT_TAG, "") if parent else ""
     tags = {
         "study": study or "", "trial": run.data.tags.get(TRIAL_ID_TAG, ""),
         "dataset_fingerprint": fingerprint,

@@ -131,7 +131,6 @@ class StudyInterrupted(RuntimeError):
     exit_code, label = 130, "interrupted"
 
 
-BASE_CONFIG_TAG = "hpn.base_config"  # the resolved config a resumed study must reuse
 
 
 def _study_config(opts: StudyOptions, space: Any) -> Any:
@@ -202,19 +201,19 @@ def _resume_plan(opts: StudyOptions, parent_run: Any) -> StudyPlan:
                              recorded(tracking.CPUS_PER_TRIAL_TAG, float, opts.cpus_per_trial or 1.0)),
         "--gpus-per-trial": (opts.gpus_per_trial,
                              recorded(tracking.GPUS_PER_TRIAL_TAG, float, opts.gpus_per_trial)),
-        "--sampler": (opts.sampler, tags["hpn.sampler"]),
-        "--scheduler": (opts.scheduler, tags["hpn.scheduler"]),
+        "--sampler": (opts.sampler, tags[tracking.SAMPLER_TAG]),
+        "--scheduler": (opts.scheduler, tags[tracking.SCHEDULER_TAG]),
     }
     for flag, (given, study) in held.items():
         if given is not None and study is not None and given != study:
             raise HPNInputError(f"--resume: {flag} {given} differs from the study's {study}; "
                                 f"drop {flag} to resume the study as it was")
-    space = load_space(tags["hpn.space_file"])
-    base = from_dict(json.loads(tags[BASE_CONFIG_TAG]))
+    space = load_space(tags[tracking.SPACE_FILE_TAG])
+    base = from_dict(json.loads(tags[tracking.BASE_CONFIG_TAG]))
     if opts.space or opts.config or opts.overrides:
         given = _study_config(opts, load_space(resolve_space_path(opts.space)))
         same_space = not opts.space or (
-            str(resolve_space_path(opts.space).resolve()) == tags["hpn.space_file"])
+            str(resolve_space_path(opts.space).resolve()) == tags[tracking.SPACE_FILE_TAG])
         if given.to_flat() != base.to_flat() or not same_space:
             diff = [k for k, v in given.to_flat().items() if base.to_flat()[k] != v]
             raise HPNInputError(
@@ -327,21 +326,21 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
     if parent is None:
         parent = client.create_run(experiment_id, run_name=name, tags={
             tracking.STUDY_TAG: name, tracking.ROLE_TAG: "study",
-            "hpn.space_file": str(Path(space.path).resolve()), "hpn.sampler": sampler_name,
-            "hpn.scheduler": scheduler, "hpn.dataset_fingerprint": data.fingerprint,
+            tracking.SPACE_FILE_TAG: str(Path(space.path).resolve()), tracking.SAMPLER_TAG: sampler_name,
+            tracking.SCHEDULER_TAG: scheduler, tracking.FINGERPRINT_TAG: data.fingerprint,
             tracking.SEED_TAG: str(plan.seed), tracking.REPEATS_TAG: str(plan.repeats),
             tracking.TRIALS_TAG: str(plan.trials), tracking.MAX_CONCURRENT_TAG: str(plan.max_concurrent),
             tracking.CPUS_PER_TRIAL_TAG: str(plan.cpus_per_trial), tracking.GPUS_PER_TRIAL_TAG: str(gpus),
-            "hpn.code_version": tracking.code_version(),
-            "hpn.command": " ".join(shlex.quote(a) for a in sys.argv),
-            BASE_CONFIG_TAG: json.dumps(base.to_dict()),
+            tracking.CODE_VERSION_TAG: tracking.code_version(),
+            tracking.COMMAND_TAG: " ".join(shlex.quote(a) for a in sys.argv),
+            tracking.BASE_CONFIG_TAG: json.dumps(base.to_dict()),
             "mlflow.note.content": space.summary,
         }).info.run_id
         for key, value in sorted(base.to_flat().items()):
             client.log_param(parent, key, str(value))
         client.log_artifact(parent, str(space.path), "space")
     else:
-        stored = client.get_run(parent).data.tags.get("hpn.dataset_fingerprint")
+        stored = client.get_run(parent).data.tags.get(tracking.FINGERPRINT_TAG)
         if stored != data.fingerprint:
             raise HPNInputError(f"--resume: the data changed since study {name!r} started "
                                 "(dataset fingerprint differs); start a new study")
@@ -405,7 +404,7 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
         })
         client.log_metric(parent, "best_val_accuracy", summary["best_val_accuracy"])
         client.log_metric(parent, "best_test_accuracy", summary["best_test_accuracy"])
-        client.set_tag(parent, "hpn.best_run_id", best.run["run_id"])
+        client.set_tag(parent, tracking.BEST_RUN_TAG, best.run["run_id"])
     for key in ("trials_completed", "trials_pruned", "trials_errored", "trials_lost"):
         client.log_metric(parent, key, summary[key])
     client.set_terminated(parent, "FINISHED")

@@ -32,6 +32,15 @@ REPEAT_TAG = "hpn.repeat"
 CONFIG_GROUP_TAG = "hpn.config_group"
 SEED_TAG = "hpn.seed"  # the study's sampler seed (replayable)
 REPEATS_TAG = "hpn.repeats"
+# The study's parent run: what it searched and on which data, and how it was run.
+SPACE_FILE_TAG = "hpn.space_file"
+SAMPLER_TAG = "hpn.sampler"
+SCHEDULER_TAG = "hpn.scheduler"
+FINGERPRINT_TAG = "hpn.dataset_fingerprint"
+CODE_VERSION_TAG = "hpn.code_version"
+COMMAND_TAG = "hpn.command"
+BASE_CONFIG_TAG = "hpn.base_config"  # the resolved config a resumed study must reuse
+BEST_RUN_TAG = "hpn.best_run_id"
 # What a study was started with, so `--resume --name S` continues it as it was.
 TRIALS_TAG = "hpn.trials"
 MAX_CONCURRENT_TAG = "hpn.max_concurrent"
