@@ -1,8 +1,8 @@
 """The HPN: a projection head onto the unit hypersphere scored against class prototypes.
 
 Prototypes are laid out class-major (`hpn.prototypes.prototype_classes` says which class
-owns each; extra negatives own none); a class's score is its best prototype's cosine. A saved model is a safetensors file plus a JSON file, so
-loading one never unpickles arbitrary objects.
+owns each; extra negatives own none); a class's score is its best prototype's cosine. A saved
+model is a safetensors file plus a JSON file, so loading one never unpickles arbitrary objects.
 """
 from __future__ import annotations
 
