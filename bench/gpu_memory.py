@@ -15,7 +15,13 @@ Per case it records:
   overhead_mb    the process's device memory outside the allocator after training: CUDA
                  context, loaded kernels, library handles (device used after - before - reserved)
   footprint_mb   overhead_mb + reserved_mb: what the process holds on the card at its peak
+  peak_vram_process_mb  what the trial itself logs (hpn.memory.PeakMemory): NVML's figure for
+                 the process - reserved + peak reserved; it should match footprint_mb
 The "context" case is a bare process (torch.zeros(1) on the GPU): the smallest CUDA context.
+"Capped" cases hold the process to a quarter of a 6 GB card with `hpn.memory.cap_cuda_share`,
+the call a Ray trial makes (the allocator gets the share minus the CUDA context). The
+concurrent case runs four capped processes at once, as Ray runs 4 trials x 0.25 GPU (Ray
+itself only sets CUDA_VISIBLE_DEVICES), and samples the card's used memory from the parent.
 
 Trials per 6 GB card (6 GiB = 6144 MiB):
   by_peak        floor(6144 / (bare context + peak_vram_mb))            (optimistic)
@@ -48,10 +54,14 @@ DEFAULT_CARRY = Path(".gpu_carry/minilm")
 # the cases
 # --------------------------------------------------------------------------------------------
 def cases(dry: bool) -> list[dict]:
-    head_epochs = "train.epochs=1" if dry else "train.epochs=20"
+    head_epochs = "train.epochs=1" if dry else "train.epochs=10"
     ft = ["encoder.trainable_layers=2", "train.batch_size=64",
           "train.epochs=1" if dry else "train.epochs=3",
           "train.max_steps=2" if dry else "train.max_steps=50"]
+    # The seed preset (learned prototypes, 200 with 186 extra negatives: the scatter_reduce
+    # class scores under autocast) on the default corpus, so the embedding cache is shared.
+    seed = ["data.seed=0", "data.val_fraction=0.1", "model.prototype_count=200",
+            "model.prototype_dim=256", head_epochs]
     # Deliberately too big for a quarter of a 6 GB card: all 6 layers, 2048 texts a batch.
     stress = ["encoder.trainable_layers=6", "train.batch_size=2048", "train.amp=false",
               "train.epochs=1", "train.max_steps=2" if not dry else "train.max_steps=1"]
@@ -59,32 +69,34 @@ def cases(dry: bool) -> list[dict]:
         stress[1] = "train.batch_size=256"
     out = [
         dict(name="context (bare CUDA init)", kind="context"),
-        dict(name="fp16 checkpoint dtype check", kind="dtype_check"),
         dict(name="encode corpus once (frozen)", kind="encode"),
         dict(name="head default, AMP", kind="train", overrides=[head_epochs, "train.amp=true"]),
         dict(name="head default, fp32", kind="train", overrides=[head_epochs, "train.amp=false"]),
-        dict(name="head d=512 k=4, AMP", kind="train", overrides=[
-            head_epochs, "train.amp=true", "model.prototype_dim=512", "model.prototypes_per_class=4"]),
-        dict(name="head d=512 k=4, fp32", kind="train", overrides=[
-            head_epochs, "train.amp=false", "model.prototype_dim=512", "model.prototypes_per_class=4"]),
+        dict(name="seed preset 200 protos d=256, AMP", kind="train", config="seed",
+             overrides=[*seed, "train.amp=true"]),
+        dict(name="seed preset 200 protos d=256, fp32", kind="train", config="seed",
+             overrides=[*seed, "train.amp=false"]),
         dict(name="fine-tune top 2, AMP", kind="train", overrides=[*ft, "train.amp=true"]),
-        dict(name="fine-tune top 2, fp32", kind="train", overrides=[*ft, "train.amp=false"]),
         dict(name="head default, AMP, capped", kind="train", cap=True,
              overrides=[head_epochs, "train.amp=true"]),
         dict(name="fine-tune top 2, AMP, capped", kind="train", cap=True,
              overrides=[*ft, "train.amp=true"]),
-        dict(name="fine-tune top 2, fp32, capped", kind="train", cap=True,
-             overrides=[*ft, "train.amp=false"]),
-        dict(name="stress: all 6 layers bs 2048 fp32", kind="train", overrides=stress),
         dict(name="stress: all 6 layers bs 2048 fp32, capped", kind="train", cap=True,
              overrides=stress),
+        # What Ray does with 4 trials at gpu=0.25: four processes on one card at once (Ray
+        # only sets CUDA_VISIBLE_DEVICES; the cap is ours), each capped like a trial.
+        dict(name="4 concurrent seed-preset trials, AMP, capped", kind="train", cap=True,
+             concurrent=4, config="seed", overrides=[*seed, "train.amp=true"]),
     ]
     if dry:
-        keep = ("encode corpus once (frozen)", "head default, AMP", "head d=512 k=4, fp32",
-                "fine-tune top 2, AMP, capped", "stress: all 6 layers bs 2048 fp32, capped")
+        keep = ("encode corpus once (frozen)", "head default, AMP", "seed preset 200 protos d=256, AMP",
+                "fine-tune top 2, AMP, capped", "stress: all 6 layers bs 2048 fp32, capped",
+                "4 concurrent seed-preset trials, AMP, capped")
         out = [c for c in out if c["name"] in keep]
         for c in out:
-            c["name"] = c["name"].replace("2048", "256")
+            c["name"] = c["name"].replace("2048", "256").replace("4 concurrent", "2 concurrent")
+            if c.get("concurrent"):
+                c["concurrent"] = 2
     return out
 
 
@@ -162,38 +174,6 @@ def run_context() -> dict:
     return out
 
 
-def run_dtype_check(encoder: str) -> dict:
-    """What a half-precision checkpoint does: raw AutoModel vs hpn's TextEncoder, + GradScaler."""
-    import torch
-    from transformers import AutoModel
-
-    from hpn.encode import TextEncoder
-
-    raw = AutoModel.from_pretrained(encoder)
-    out = {"raw_automodel_dtype": str(next(raw.parameters()).dtype)}
-    out["textencoder_dtype"] = str(next(TextEncoder(encoder).model.parameters()).dtype)
-
-    # One GradScaler step on the raw (unfixed) load, as train() does with train.amp=true.
-    raw = raw.cuda()
-    for p in raw.parameters():
-        p.requires_grad_(False)
-    for p in raw.encoder.layer[-1].parameters():
-        p.requires_grad_(True)
-    opt = torch.optim.SGD([p for p in raw.parameters() if p.requires_grad], lr=0.01)
-    scaler = torch.amp.GradScaler("cuda")
-    ids = torch.randint(1000, 2000, (4, 16), device="cuda")
-    with torch.autocast("cuda", dtype=torch.float16):
-        loss = raw(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.float().pow(2).mean()
-    scaler.scale(loss).backward()
-    try:
-        scaler.step(opt)
-        scaler.update()
-        out["raw_gradscaler_step"] = "ok"
-    except Exception as exc:  # the bug the fix in hpn/encode.py removes
-        out["raw_gradscaler_step"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
-    return out
-
-
 def base_overrides(args: argparse.Namespace) -> list[str]:
     return [f"encoder.name={args.encoder}", f"encoder.cache_dir={args.cache_dir}",
             f"data.size={args.size}", f"train.device={args.device}"]
@@ -237,20 +217,23 @@ def run_train(args: argparse.Namespace, case: dict) -> dict:
     if args.device == "cuda":
         before = device_used_bytes()
         if case.get("cap"):
+            from hpn.memory import cap_cuda_share
+
+            # A trial's share of a 6 GB card, capped by the code a Ray trial runs.
             total = torch.cuda.get_device_properties(0).total_memory
-            fraction = TRIAL_SHARE * CARD_GIB * 2**30 / total
-            torch.cuda.set_per_process_memory_fraction(fraction)
-            out["cap_fraction"] = fraction
-            out["cap_mb"] = fraction * total / MIB
+            share = TRIAL_SHARE * CARD_GIB * 2**30 / total
+            out["cap_fraction"] = cap_cuda_share(share, 0)
+            out["share_mb"] = share * total / MIB
+            out["cap_mb"] = out["cap_fraction"] * total / MIB
     elif case.get("cap"):
         out["cap_mb"] = None  # no cap on CPU (dry run)
-    cfg = load_config(None, [*base_overrides(args), *case["overrides"]])
+    cfg = load_config(case.get("config"), [*base_overrides(args), *case["overrides"]])
     data = prepare_data(cfg)  # frozen: from the cache the encode case wrote; fine-tune: texts only
     try:
         result = train(cfg, data)
         out["status"] = "ok"
         m = result.metrics
-        for key in (M.PEAK_VRAM_MB, M.PEAK_RSS_MB, M.RUNTIME_S, M.TRAIN_SAMPLES_PER_S, M.TEST_ACCURACY):
+        for key in (M.PEAK_VRAM_MB, M.PEAK_VRAM_PROCESS_MB, M.PEAK_RSS_MB, M.RUNTIME_S, M.TRAIN_SAMPLES_PER_S, M.TEST_ACCURACY):
             if key in m:
                 out[key] = float(m[key])
     except torch.OutOfMemoryError as exc:
@@ -271,8 +254,6 @@ def worker(args: argparse.Namespace) -> None:
     kind = case["kind"]
     if kind == "context":
         out = run_context()
-    elif kind == "dtype_check":
-        out = run_dtype_check(args.encoder)
     elif kind == "encode":
         out = run_encode(args)
     else:
@@ -290,22 +271,67 @@ def cuda_available_without_context() -> bool:
     return torch.cuda.is_available()
 
 
-def run_case(args: argparse.Namespace, case: dict) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(case),
-           "--encoder", args.encoder, "--size", str(args.size), "--cache-dir", args.cache_dir,
-           "--device", args.device]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout,
-                          check=False)
-    wall = time.perf_counter() - t0
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"status": f"crashed rc={proc.returncode}", "error": " | ".join(tail)[:300],
+def _worker_cmd(args: argparse.Namespace, case: dict) -> list[str]:
+    return [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(case),
+            "--encoder", args.encoder, "--size", str(args.size), "--cache-dir", args.cache_dir,
+            "--device", args.device]
+
+
+def _parse(proc_rc: int, stdout: str, stderr: str, wall: float) -> dict:
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc_rc != 0 or not lines:
+        tail = (stderr or stdout).strip().splitlines()[-3:]
+        return {"status": f"crashed rc={proc_rc}", "error": " | ".join(tail)[:300],
                 "process_wall_s": wall}
     out = json.loads(lines[-1][len("RESULT "):])
     out["process_wall_s"] = wall
-    out["returncode"] = proc.returncode
+    out["returncode"] = proc_rc
+    return out
+
+
+def run_case(args: argparse.Namespace, case: dict) -> dict:
+    if case.get("concurrent"):
+        return run_concurrent(args, case)
+    t0 = time.perf_counter()
+    proc = subprocess.run(_worker_cmd(args, case), capture_output=True, text=True,
+                          timeout=args.case_timeout, check=False)
+    return _parse(proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - t0)
+
+
+def run_concurrent(args: argparse.Namespace, case: dict) -> dict:
+    """`concurrent` workers at once on one card, as Ray runs fractional trials; the parent
+    samples the device's used memory (NVML, no CUDA context of its own) every 20 ms."""
+    n = int(case["concurrent"])
+    before = device_used_bytes() if args.device == "cuda" else None
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(_worker_cmd(args, case), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(n)]
+    peak_used = before
+    while any(p.poll() is None for p in procs) and time.perf_counter() - t0 < args.case_timeout:
+        if before is not None:
+            used = device_used_bytes()
+            if used is not None:
+                peak_used = max(peak_used or 0, used)
+        time.sleep(0.02)
+    workers = []
+    for p in procs:
+        try:
+            stdout, stderr = p.communicate(timeout=max(1.0, args.case_timeout - (time.perf_counter() - t0)))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            stdout, stderr = p.communicate()
+        workers.append(_parse(p.returncode, stdout, stderr, time.perf_counter() - t0))
+    out: dict = {"status": "ok" if all(w["status"] == "ok" for w in workers)
+                 else "; ".join(sorted({w["status"] for w in workers})),
+                 "workers": workers, "concurrent": n}
+    for key in ("peak_vram_mb", "peak_vram_process_mb", "reserved_mb", "overhead_mb",
+                "footprint_mb", "runtime_s", "train_samples_per_s", "test_accuracy",
+                "share_mb", "cap_mb", "peak_rss_mb"):
+        values = [w[key] for w in workers if isinstance(w.get(key), (int, float))]
+        if values:
+            out[key] = max(values)
+    if before is not None and peak_used is not None:
+        out["device_peak_above_baseline_mb"] = (peak_used - before) / MIB
     return out
 
 
@@ -321,9 +347,10 @@ def table(results: list[tuple[dict, dict]], context_mb: float | None, cuda: bool
     card_mb = CARD_GIB * 1024
     mem = "peak_vram_mb" if cuda else "peak_rss_mb"
     rows = [
-        (f"| case | status | {mem} | reserved MB | overhead MB | footprint MB | runtime s "
+        (f"| case | status | {mem} | reserved MB | overhead MB | footprint MB "
+         "| logged peak_vram_process_mb | runtime s "
          "| train samples/s | test acc | trials/6 GB by peak | trials/6 GB by footprint |"),
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for case, r in results:
         if case["kind"] != "train":
@@ -335,10 +362,13 @@ def table(results: list[tuple[dict, dict]], context_mb: float | None, cuda: bool
         by_foot = math.floor(card_mb / foot) if foot and r["status"] == "ok" else None
         status = r["status"]
         if r.get("cap_mb"):
-            status += f" (cap {r['cap_mb']:.0f} MB)"
+            status += f" (share {r.get('share_mb', 0):.0f} MB, allocator cap {r['cap_mb']:.0f} MB)"
+        if r.get("concurrent"):
+            status += f", max of {r['concurrent']} at once"
         rows.append(
             f"| {case['name']} | {status} | {fmt(peak, 1)} | {fmt(r.get('reserved_mb'))} "
-            f"| {fmt(r.get('overhead_mb'))} | {fmt(foot)} | {fmt(r.get('runtime_s'), 1)} "
+            f"| {fmt(r.get('overhead_mb'))} | {fmt(foot)} | {fmt(r.get('peak_vram_process_mb'))} "
+            f"| {fmt(r.get('runtime_s'), 1)} "
             f"| {fmt(r.get('train_samples_per_s'))} | {fmt(r.get('test_accuracy'), 3)} "
             f"| {fmt(by_peak)} | {fmt(by_foot)} |")
     return "\n".join(rows)
@@ -352,6 +382,8 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU: checks the flow only")
     parser.add_argument("--json", default=None, help="also write every case's record here")
     parser.add_argument("--case-timeout", type=int, default=240)
+    parser.add_argument("--only", default=None,
+                        help="run only the cases whose name contains this text (plus context and encode)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
@@ -372,9 +404,11 @@ def main() -> None:
 
     results: list[tuple[dict, dict]] = []
     for case in cases(args.dry_run):
+        if args.only and case["kind"] == "train" and args.only not in case["name"]:
+            continue
         r = run_case(args, case)
         results.append((case, r))
-        brief = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()}
+        brief = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items() if k != "workers"}
         print(f"[{case['name']}] {json.dumps(brief)}", flush=True)
 
     by_kind = {c["kind"]: r for c, r in results}
@@ -392,12 +426,16 @@ def main() -> None:
           f"median {enc.get('tokens_median')} / max {enc.get('tokens_max')} tokens; "
           f"encoded once in {fmt(enc.get('encode_s'), 1)} s"
           + (f", peak {fmt(enc.get('peak_vram_mb'))} MiB" if cuda else ""))
-    if "dtype_check" in by_kind:
-        d = by_kind["dtype_check"]
-        print(f"fp16 checkpoint: AutoModel loads {d.get('raw_automodel_dtype')}, TextEncoder "
-              f"{d.get('textencoder_dtype')}; GradScaler step on the raw load: {d.get('raw_gradscaler_step')}")
     print()
     print(table(results, context_mb, cuda))
+    for case, r in results:
+        if r.get("concurrent"):
+            foots = [w.get("footprint_mb") for w in r["workers"] if w.get("footprint_mb")]
+            print(f"\n{case['name']}: {r['status']}; device peak above baseline "
+                  f"{fmt(r.get('device_peak_above_baseline_mb'))} MiB (sampled every 20 ms), "
+                  f"footprints {', '.join(fmt(f) for f in foots) or '–'} MiB "
+                  f"(sum {fmt(sum(foots)) if foots else '–'}) against a "
+                  f"{CARD_GIB * 1024:,.0f} MiB card")
     if args.json:
         Path(args.json).write_text(json.dumps(
             [{"case": c, "result": r} for c, r in results], indent=2))

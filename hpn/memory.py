@@ -272,3 +272,27 @@ class PeakMemory:
             if overhead >= 0:
                 out[M.PEAK_VRAM_PROCESS_MB] = (overhead + peak_reserved) / _MIB
         return out
+
+
+#: Device memory a trial process holds outside torch's allocator: bench/RESULTS.md (GPU
+#: section) measured a bare CUDA context at 610 MiB per process on an H100, and 740-760 MiB
+#: once a trial has trained (kernels, cuBLAS handles); the cap leaves room for the latter.
+CUDA_CONTEXT_MIB = 768
+#: The least the allocator keeps when the context alone fills a share. In MiB, not as a
+#: fraction of the card: 1% of an H200 is 1,432 MiB, which let a process capped at a quarter
+#: of a 6 GB card (1,536 MiB) hold 2,002 MiB (bench/RESULTS.md, H200 run).
+MIN_ALLOCATOR_MIB = 64
+
+
+def cap_cuda_share(fraction: float, device: int | torch.device = 0,
+                   context_mib: float = CUDA_CONTEXT_MIB) -> float:
+    """Hold this process to `fraction` of the card; returns the allocator's fraction.
+
+    `set_per_process_memory_fraction` caps only torch's allocator, while the CUDA context
+    (outside the cap) also lives in the process's share of the card: the allocator gets the
+    share minus the context (at least MIN_ALLOCATOR_MIB, at most the share). Without that,
+    four trials at 0.25 can over-fill a card by four contexts."""
+    total_mib = torch.cuda.get_device_properties(device).total_memory / _MIB
+    allocator = min(fraction, max(MIN_ALLOCATOR_MIB, fraction * total_mib - context_mib) / total_mib)
+    torch.cuda.set_per_process_memory_fraction(allocator, device)
+    return allocator

@@ -181,7 +181,7 @@ def test_a_trials_cuda_cap_leaves_room_for_the_context(monkeypatch):
     assert capped[-1] == pytest.approx(0.25 - 768 / 6144) == pytest.approx(0.125)
     # A share smaller than the context keeps a small floor, never more than the share.
     assert ray_tune._trial_device(0.05, "auto") == "cuda"
-    assert capped[-1] == pytest.approx(ray_tune.MIN_ALLOCATOR_FRACTION)
+    assert capped[-1] == pytest.approx(mem.MIN_ALLOCATOR_MIB / 6144)
     assert ray_tune._trial_device(1.0, "auto") == "cuda"  # the whole card: no cap
     assert len(capped) == 2
     assert ray_tune._trial_device(0.25, "cpu") == "cpu"

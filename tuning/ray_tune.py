@@ -23,7 +23,7 @@ from hpn import metrics as M
 from hpn.config import from_dict
 from hpn.errors import HPNInputError
 from hpn.encode import pick_device
-from hpn.memory import PeakMemory
+from hpn.memory import PeakMemory, cap_cuda_share
 from hpn.train import NonFiniteLossError, PreparedData, train
 from tuning.tracking import (
     CONFIG_GROUP_TAG,
@@ -104,32 +104,16 @@ def node_tags() -> dict[str, str]:
             NODE_IP_TAG: ray.util.get_node_ip_address()}
 
 
-#: Device memory a trial process holds outside torch's allocator: bench/RESULTS.md (GPU
-#: section) measured a bare CUDA context at 610 MiB per process on an H100, and 740-760 MiB
-#: once a trial has trained (kernels, cuBLAS handles); the cap leaves room for the latter.
-CUDA_CONTEXT_MIB = 768
-#: The least share of the card the allocator keeps when the context alone fills a trial's share.
-MIN_ALLOCATOR_FRACTION = 0.01
-
-
 def _trial_device(fraction: float, requested: str) -> str:
-    """CUDA only when Ray gave this trial a GPU share; then hold it to that share, so one
-    trial cannot starve the others.
-
-    `set_per_process_memory_fraction` caps only torch's allocator, while the CUDA context
-    (outside the cap) also lives in the trial's share of the card: the allocator gets the
-    share minus the context, `max(MIN_ALLOCATOR_FRACTION, fraction - context / total)` and
-    never more than `fraction`. Without that, four trials at 0.25 can over-fill a card by
-    four contexts (bench/RESULTS.md: a "1536 MiB" cap held 2,002 MiB on the card)."""
+    """CUDA only when Ray gave this trial a GPU share; then hold it to that share
+    (`hpn.memory.cap_cuda_share`), so one trial cannot starve the others."""
     import torch
 
     if requested == "cpu" or fraction <= 0 or not ray.get_gpu_ids() or not torch.cuda.is_available():
         return "cpu"
     if fraction < 1:
         # Ray's CUDA_VISIBLE_DEVICES shows a trial only its own card, as device 0.
-        total_mib = torch.cuda.get_device_properties(0).total_memory / 2**20
-        allocator = max(MIN_ALLOCATOR_FRACTION, fraction - CUDA_CONTEXT_MIB / total_mib)
-        torch.cuda.set_per_process_memory_fraction(min(allocator, fraction))
+        cap_cuda_share(fraction, 0)
     return "cuda"
 
 
