@@ -12,10 +12,7 @@ from tuning.report import (
     best_config,
     edge_data,
     heatmap_data,
-    history_data,
-    importance_data,
-    parallel_data,
-    pareto_data,
+    write_optuna_plots,
     write_study_report,
 )
 
@@ -93,46 +90,6 @@ def test_a_config_with_a_failed_repeat_is_passed_over_while_a_complete_one_exist
     assert best_config(only_partial, "val_accuracy").run["config_group"] == "a"
 
 
-def test_history_keeps_completion_order_and_a_running_best_over_completed_trials():
-    trials = _trials([
-        {"state": "completed", "val_accuracy": 0.6},
-        {"state": "error", "val_accuracy": np.nan},
-        {"state": "pruned", "val_accuracy": 0.9},
-        {"state": "completed", "val_accuracy": 0.5},
-        {"state": "completed", "val_accuracy": 0.7},
-    ]).sample(frac=1.0, random_state=1)  # rows arrive shuffled; order decides
-    data = history_data(trials, "val_accuracy")
-    assert data.order == [0, 2, 3, 4]
-    assert data.values == [0.6, 0.9, 0.5, 0.7]
-    assert data.best_so_far == [0.6, 0.6, 0.6, 0.7]
-    assert data.pruned == [False, True, False, False]
-
-
-def test_importances_rank_the_parameter_that_drives_the_objective_first_and_sum_to_one():
-    data = importance_data(_study(40), "val_accuracy")
-    assert data.params[0] == "train.lr"
-    assert set(data.params) == {"train.lr", "model.prototype_dim",
-                                "model.prototypes_per_class", "model.prototype_mode"}
-    assert math.isclose(sum(data.importances), 1.0)
-    assert data.importances == sorted(data.importances, reverse=True)
-
-
-@pytest.mark.parametrize("trials", [
-    _trials([{"state": "completed", "val_accuracy": 0.5, "params.a": 1, "params.b": 2}] * 2),
-    _trials([{"state": "completed", "val_accuracy": v, "params.a": v} for v in (0.1, 0.2, 0.3)]),
-    _trials([{"state": "completed", "val_accuracy": 0.5, "params.a": a, "params.b": 1}
-             for a in (1, 2, 3)]),
-], ids=["too-few-trials", "single-param", "constant-objective"])
-def test_importances_are_empty_when_they_cannot_be_decided(trials):
-    assert importance_data(trials, "val_accuracy").params == []
-
-
-def test_parallel_coordinates_place_every_param_in_the_unit_interval():
-    data = parallel_data(_study(), "val_accuracy", {"train.lr": (1e-4, 1e-1)})
-    assert data.positions.shape == (len(data.values), len(data.params))
-    assert np.nanmin(data.positions) >= 0.0 and np.nanmax(data.positions) <= 1.0
-
-
 def test_heatmap_averages_the_objective_per_dim_and_total_prototype_count():
     trials = _trials([
         {"state": "completed", "val_accuracy": 0.6, "params.model.prototype_dim": 16,
@@ -161,18 +118,6 @@ def test_heatmap_bins_many_dims_into_log_spaced_rows():
     assert np.isfinite(data.mean).sum() >= 7
 
 
-def test_pareto_front_keeps_exactly_the_undominated_trials():
-    # (accuracy, memory): A and B trade off, E is the most accurate; C and D are dominated.
-    points = {"A": (0.9, 100), "B": (0.8, 50), "C": (0.7, 200), "D": (0.8, 60), "E": (0.95, 300)}
-    trials = _trials([{"state": "completed", "val_accuracy": a, "peak_vram_mb": m}
-                      for a, m in points.values()]
-                     + [{"state": "completed", "val_accuracy": 0.99, "peak_vram_mb": np.nan}])
-    data = pareto_data(trials, "val_accuracy", "peak_vram_mb")
-    assert len(data.values) == 5  # the trial without a memory figure is left out
-    assert dict(zip(points, data.is_pareto)) == {"A": True, "B": True, "C": False, "D": False,
-                                                 "E": True}
-
-
 def test_edge_report_flags_a_range_whose_best_trials_sit_at_its_high_end():
     rows = [{"state": "completed", "val_accuracy": 0.5 + 0.01 * i, "params.train.lr": 1e-3,
              "params.train.momentum": 0.5} for i in range(8)]
@@ -193,28 +138,17 @@ def test_edge_report_judges_ranges_wider_than_tenfold_in_log_space():
     assert edge_data(narrow, "val_accuracy", {"train.lr": (0.01, 0.02)})["train.lr"]["crowds"] == "low"
 
 
-def test_study_report_writes_the_csv_the_edge_report_and_valid_pngs(tmp_path):
+def test_study_report_writes_the_csv_the_edge_report_and_the_heatmap(tmp_path):
     trials = _study()
-    paths = write_study_report(trials, tmp_path / "report", memory_metric="peak_rss_mb",
+    paths = write_study_report(trials, tmp_path / "report",
                                space_ranges={"train.lr": (1e-4, 1e-1),
                                              "model.prototype_dim": (16, 512)})
-    names = {p.name for p in paths}
-    assert names == {"trials.csv", "edge_report.json", "optimization_history.png",
-                     "param_importances.png", "parallel_coordinates.png",
-                     "accuracy_heatmap.png", "pareto_front.png"}
-    for path in paths:
-        assert path.is_file()
-        if path.suffix == ".png":
-            assert path.read_bytes()[:8] == PNG_MAGIC
+    assert {p.name for p in paths} == {"trials.csv", "edge_report.json", "accuracy_heatmap.png"}
+    assert (tmp_path / "report" / "accuracy_heatmap.png").read_bytes()[:8] == PNG_MAGIC
     assert len(pd.read_csv(tmp_path / "report" / "trials.csv")) == len(trials)
     edges = json.loads((tmp_path / "report" / "edge_report.json").read_text())
     assert set(edges) == {"train.lr", "model.prototype_dim"}
     assert edges["train.lr"]["crowds"] in (None, "low", "high")
-
-
-def test_study_report_skips_the_pareto_plot_without_a_memory_metric(tmp_path):
-    names = {p.name for p in write_study_report(_study(), tmp_path)}
-    assert "pareto_front.png" not in names and "optimization_history.png" in names
 
 
 @pytest.mark.parametrize("trials", [
@@ -224,8 +158,51 @@ def test_study_report_skips_the_pareto_plot_without_a_memory_metric(tmp_path):
               "params.model.prototype_dim": 32, "peak_vram_mb": np.nan}]),
 ], ids=["empty", "all-errored", "one-trial"])
 def test_study_report_survives_degenerate_studies(tmp_path, trials):
-    paths = write_study_report(trials, tmp_path, memory_metric="peak_vram_mb",
-                               space_ranges={"train.lr": (1e-4, 1e-1)})
+    paths = write_study_report(trials, tmp_path, space_ranges={"train.lr": (1e-4, 1e-1)})
     assert {"trials.csv", "edge_report.json"} <= {p.name for p in paths}
-    assert "param_importances.png" not in {p.name for p in paths}
     assert all(p.is_file() for p in paths)
+
+
+def _optuna_study(n: int, directions: list[str], prune_every: int = 0):
+    """A real Optuna study as Ray's OptunaSearch leaves it: accuracy rises with log(lr)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=directions, sampler=optuna.samplers.RandomSampler(seed=0))
+    for i in range(n):
+        trial = study.ask()
+        lr = trial.suggest_float("train.lr", 1e-4, 1e-1, log=True)
+        dim = trial.suggest_categorical("model.prototype_dim", [16, 64, 256])
+        acc = 0.5 + 0.1 * (math.log10(lr) + 4) + 0.01 * math.log2(dim / 16)
+        if len(directions) == 1:
+            trial.report(acc / 2, 1)  # an epoch's value, as OptunaSearch reports each result
+        if prune_every and i % prune_every == 1 % prune_every:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            study.tell(trial, [acc, 100.0 + dim] if len(directions) > 1 else acc)
+    return study
+
+
+def test_the_study_plots_are_optunas_own_drawn_on_the_study(tmp_path):
+    done = write_optuna_plots(_optuna_study(12, ["maximize"], prune_every=4), tmp_path)
+    assert done == {name: "written" for name in (
+        "optimization_history.png", "param_importances.png", "parallel_coordinates.png",
+        "contour.png", "slice.png")}
+    for name in done:
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_multi_objective_study_adds_optunas_pareto_front(tmp_path):
+    done = write_optuna_plots(_optuna_study(8, ["maximize", "minimize"]), tmp_path,
+                              objectives=["val_accuracy", "peak_rss_mb"])
+    assert done["pareto_front.png"] == "written"
+    assert done["optimization_history.png"] == "written"  # of the first objective
+
+
+def test_a_plot_optuna_cannot_draw_is_skipped_with_its_reason(tmp_path):
+    one = write_optuna_plots(_optuna_study(1, ["maximize"]), tmp_path / "one")
+    assert one["contour.png"] == "skipped: nothing to plot"  # one point has no contour
+    assert one["optimization_history.png"] == "written"
+    pruned = write_optuna_plots(_optuna_study(3, ["maximize"], prune_every=1), tmp_path / "none")
+    assert set(pruned.values()) == {"skipped: nothing to plot"}
+    assert not list((tmp_path / "none").iterdir())

@@ -100,6 +100,7 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
         gpus_per_trial=args.gpus_per_trial, cpus_per_trial=args.cpus_per_trial,
         max_concurrent=args.max_concurrent, sampler=args.sampler, scheduler=args.scheduler,
         address=args.address, storage_path=args.storage_path, resume=args.resume, seed=args.seed,
+        optuna_storage=args.optuna_storage, verbose=args.verbose,
         repeats=args.repeats,
         register=not args.no_register, model_name=args.model_name, progress=not args.json,
     )
@@ -167,11 +168,177 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     return {}
 
 
+def cmd_dashboard(args: argparse.Namespace) -> dict[str, Any]:
+    from tuning.serving import dashboard
+
+    dashboard(args.optuna_storage, args.tracking_uri, args.study, args.port, args.host,
+              args.experiment)
+    return {}
+
+
 def cmd_ui(args: argparse.Namespace) -> dict[str, Any]:
     from tuning.serving import ui
 
     ui(args.tracking_uri, args.port, args.host)
     return {}
+
+
+# Study commands: read the tracking store (tuning/studies.py); these only format and print.
+
+def _cell(value: Any, digits: int = 4) -> str:
+    if value is None:  # tuning/studies.py turns NaN into None
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if digits else f"{value:.4g}"
+    return str(value)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return (f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200
+            else f"{seconds / 3600:.1f} h")
+
+
+def _local_time(iso: str | None) -> str:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M") if iso else "-"
+
+
+def _print_rows(header: list[str], rows: list[list[str]]) -> None:
+    """An aligned plain-text table: numbers right, words left (a column of numbers is
+    right-aligned whole, so the decimal points line up)."""
+    def numeric(text: str) -> bool:
+        try:
+            float(text.split()[0])
+            return True
+        except (ValueError, IndexError):
+            return text == "-"
+
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+    right = [all(numeric(r[i]) for r in rows) and bool(rows) for i in range(len(header))]
+    for cells in [header, *rows]:
+        print("  ".join(c.rjust(w) if r else c.ljust(w)
+                        for c, w, r in zip(cells, widths, right)).rstrip())
+
+
+def cmd_studies(args: argparse.Namespace) -> dict[str, Any]:
+    from tuning.studies import list_studies, open_store
+
+    store = open_store(args.tracking_uri, args.experiment)
+    rows = list_studies(store)
+    if not rows:
+        print(f"no studies in experiment {args.experiment}")
+    else:
+        _print_rows(
+            ["STUDY", "STATE", "DONE", "PRUNED", "ERRORED", "TARGET", "BEST VAL", "STARTED", "WALL"],
+            [[r["study"], r["state"], str(r["trials_completed"]), str(r["trials_pruned"]),
+              str(r["trials_errored"]),
+              _cell(r["trials_target"]) + (f"x{r['repeats']}" if r["repeats"] > 1 else ""),
+              _cell(r["best_val_accuracy"]), _local_time(r["started"]), _duration(r["wall_s"])]
+             for r in rows])
+    return {"experiment": args.experiment, "tracking_uri": store.tracking_uri, "studies": rows}
+
+
+def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
+    from tuning.studies import open_store, show_study
+
+    if args.limit < 0:
+        raise HPNInputError(f"--limit: must be >= 0 (0 lists every trial), got {args.limit}")
+    s = show_study(open_store(args.tracking_uri, args.experiment), args.study, args.limit or None)
+    repeats = f", {s['repeats']} repeats per config" if s["repeats"] > 1 else ""
+    print(f"study {s['study']} ({s['state']}), parent run {s['run_id']}")
+    _print_table({
+        "sampler": f"{s['sampler']} (seed {_cell(s['seed'])})", "scheduler": s["scheduler"],
+        "space": s["space_file"],
+        "searched": f"{', '.join(s['searched']) or '-'} (from the {s['searched_from']})",
+        "trials": f"{s['trials_completed']} completed, {s['trials_pruned']} pruned, "
+                  f"{s['trials_errored']} errored of {_cell(s['trials_target'])}{repeats}",
+        "started": f"{_local_time(s['started'])} (wall {_duration(s['wall_s'])})",
+    })
+    print()
+    if s["trials"]:
+        _print_rows(
+            ["RUN", "RUN ID", "STATE", "VAL_ACC", "TEST_ACC", "RUNTIME_S", *s["searched"]],
+            [[t["run_name"], t["run_id"], t["state"], _cell(t["val_accuracy"]),
+              _cell(t["test_accuracy"]), _cell(t["runtime_s"], 1),
+              *(_cell(t["params"][k], 0) for k in s["searched"])] for t in s["trials"]])
+        if len(s["trials"]) < s["trials_total"]:
+            print(f"({s['trials_total'] - len(s['trials'])} more; --limit 0 lists all)")
+    else:
+        print("no trials yet")
+    print()
+    if s["report_path"]:
+        print(f"report: {s['report_path']} of run {s['run_id']}  ({s['report_uri']})")
+    else:
+        print("report: none yet (a study writes report/ when it finishes)")
+    if s["promote_command"]:
+        print(f"best val_accuracy {s['best_val_accuracy']:.4f} "
+              f"(test_accuracy {_cell(s['best_test_accuracy'])}); promote it: {s['promote_command']}")
+    return s
+
+
+def cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
+    from tuning.studies import check_plot_path, compare_studies, draw_compare, open_store
+
+    if args.output:
+        check_plot_path(args.output)  # before the studies are read, not after
+    rows, data = compare_studies(open_store(args.tracking_uri, args.experiment), args.studies)
+    lines = [("state", "state", str), ("sampler", "sampler", str),
+             ("trials completed", "trials_completed", str),
+             ("best val_accuracy", "best_val_accuracy", _cell),
+             ("median val_accuracy", "median_val_accuracy", _cell),
+             ("test_accuracy of best", "best_test_accuracy", _cell),
+             ("median runtime_s", "median_runtime_s", lambda v: _cell(v, 1)),
+             ("wall time", "wall_s", _duration)]
+    _print_rows(["", *(r["study"] for r in rows)],
+                [[label, *(fmt(r[key]) for r in rows)] for label, key, fmt in lines])
+    print("(best is chosen on val_accuracy; test_accuracy is shown, never used to choose)")
+    result: dict[str, Any] = {"studies": rows}
+    if args.output:
+        draw_compare(data, args.output)
+        print(f"wrote {args.output}")
+        result["output"] = str(args.output)
+    return result
+
+
+_STUDY_EPILOGS = {
+    "studies": """examples:
+  hpn-tune studies
+  hpn-tune studies --tracking-uri http://mlflow.internal:5000 --experiment persona
+  hpn-tune studies --json | tail -n 1      # {"studies": [{"study": ..., "state": ...}, ...]}""",
+    "show": """examples:
+  hpn-tune show my-study
+  hpn-tune show my-study --limit 5
+  hpn-tune show my-study --json | tail -n 1  # header, trials, best_run_id, report_uri""",
+    "compare": """examples:
+  hpn-tune compare tpe-study random-study
+  hpn-tune compare tpe-study random-study cmaes-study --output compare.png""",
+}
+
+
+def _add_study_commands(sub: Any) -> None:
+    """studies / show / compare: --help shows examples and each flag's default."""
+    def add(name: str, handler: Handler, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_, epilog=_STUDY_EPILOGS[name],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(handler=handler)
+        p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+        p.add_argument("--experiment", default="hpn-tune", help="MLflow experiment (default: %(default)s)")
+        p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                       "else sqlite:///mlflow.db in this folder)")
+        return p
+
+    add("studies", cmd_studies, "list the studies in the tracking store, newest first")
+    p = add("show", cmd_show, "show one study: its settings, its trials best first, its report")
+    p.add_argument("study", help="study name (as `hpn-tune studies` lists it)")
+    p.add_argument("--limit", type=int, default=20,
+                   help="trials to list, best first; 0 lists all (default: %(default)s)")
+    p = add("compare", cmd_compare, "compare studies side by side on val_accuracy and runtime")
+    p.add_argument("studies", nargs="+", metavar="STUDY", help="studies to compare, in the order to show them")
+    p.add_argument("--output", metavar="PLOT.png",
+                   help="also write a box plot of val_accuracy per study (default: no plot)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,6 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "nsga2 studies, which must not stop trials early)")
     p.add_argument("--address", help="join an existing Ray cluster (auto, ray://host:10001, host:6379)")
     p.add_argument("--storage-path", help="where Ray keeps study state (shared path/URI on a cluster)")
+    p.add_argument("--optuna-storage", metavar="URL",
+                   help="Optuna RDB storage for the study's Optuna trials (default: "
+                   "sqlite:///optuna.db beside the MLflow store; on a cluster, e.g. "
+                   "postgresql://user@db/optuna)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted study (needs --name)")
     p.add_argument("--seed", type=int, help="sampler seed (default: a new one per study, "
                    "recorded on the study's run and printed, to replay it)")
@@ -225,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "sees their mean and each repeat is its own MLflow run (default 1)")
     p.add_argument("--model-name", default="hpn-persona", help="registered model for the best trial")
     p.add_argument("--no-register", action="store_true", help="do not register the best model")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="print a line for each finished trial above the live progress line")
 
     p = add("promote", cmd_promote, "move the champion alias to a better version")
     p.add_argument("--study")
@@ -253,10 +426,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
     p.add_argument("--tracking-uri")
 
+    p = add("dashboard", cmd_dashboard, "open optuna-dashboard on the studies' Optuna storage")
+    p.add_argument("--study", help="open this study's page (and use the storage it recorded)")
+    p.add_argument("--optuna-storage", metavar="URL",
+                   help="Optuna storage URL (default: sqlite:///optuna.db beside the MLflow store)")
+    p.add_argument("--tracking-uri", help="MLflow store the studies were logged to "
+                   "(default sqlite:///mlflow.db)")
+    p.add_argument("--experiment", default="hpn-tune", help="MLflow experiment of --study")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
+
     p = add("ui", cmd_ui, "open the MLflow UI for the study's tracking store")
     p.add_argument("--tracking-uri")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--host", default="127.0.0.1")
+    _add_study_commands(sub)
     return parser
 
 

@@ -21,18 +21,21 @@ from ray.tune.search.repeater import TRIAL_INDEX
 
 from hpn import metrics as M
 from hpn.config import from_dict
-from hpn.errors import HPNInputError
 from hpn.encode import pick_device
+from hpn.errors import HPNInputError
 from hpn.memory import PeakMemory, cap_cuda_share
 from hpn.train import NonFiniteLossError, PreparedData, train
+from tuning.optuna_store import RAY_TRIAL_ATTR
+from tuning.progress import StudyProgress
 from tuning.tracking import (
     CONFIG_GROUP_TAG,
     NODE_IP_TAG,
-    close_trial_run,
+    OPTUNA_TRIAL_TAG,
     RAY_NODE_ID_TAG,
     REPEAT_TAG,
     STATE_TAG,
     TrialRun,
+    close_trial_run,
 )
 
 DONE_KEY = "hpn_finished"  # set only on the last report of a trial that trained to the end
@@ -51,9 +54,45 @@ class StudyContext:
     gpu_fraction: float
     searched_keys: tuple[str, ...]  # the rest of Tune's config is the space's constants,
     # already in base_config with --set applied on top
+    trial_offset: int = 0  # trials of the study's earlier Ray experiments (an extended study)
 
 
 GROUP_KEY = "__config_group__"  # the first trial id of a config's repeats
+OPTUNA_TRIAL_KEY = "__optuna_trial__"  # the Optuna trial number behind a Tune trial
+
+
+class StudySearch(OptunaSearch):
+    """Ray's OptunaSearch, on the study's Optuna storage, tying both ids together: each
+    Optuna trial records the Ray trial that runs it (so orphans can be told apart after a
+    kill) and each Tune config carries its Optuna trial number (an MLflow tag of the run)."""
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        ot_trial = self._ot_trials.get(trial_id)
+        if isinstance(config, dict) and ot_trial is not None:
+            if self._storage is not None:
+                ot_trial.set_user_attr(RAY_TRIAL_ATTR, trial_id)
+            config[OPTUNA_TRIAL_KEY] = ot_trial.number
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        import warnings
+
+        with warnings.catch_warnings():
+            # A trial restarted by a resume reports its first epochs again; Optuna keeps the
+            # first report of each step and warns about the repeat, which says nothing.
+            warnings.filterwarnings("ignore", "The reported value is ignored because", UserWarning)
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        # Tune ends a trial that ASHA stopped with its last epoch's result, which OptunaSearch
+        # would tell as COMPLETE: tell it as PRUNED (its epochs are already reported as
+        # intermediate values). A trial's own results carry the epoch; a Repeater's mean
+        # over repeats does not, and is complete.
+        if result and not error and M.EPOCH in result and not result.get(DONE_KEY):
+            result = None
+        super().on_trial_complete(trial_id, result, error)
 
 
 class SeedRepeats(Repeater):
@@ -72,6 +111,7 @@ class SeedRepeats(Repeater):
 def init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
+    quiet_libraries()  # before ray.init, which prints the token-auth notice dropped there
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                               "configure_logging": False}
     if address:
@@ -128,8 +168,12 @@ def trial_fn(config: dict[str, Any], data: PreparedData, ctx: StudyContext) -> N
     cfg.train.seed += repeat  # repeats of one config: the study's train.seed, +1, +2, ...
     tags = {**node_tags(), REPEAT_TAG: str(repeat),
             CONFIG_GROUP_TAG: str(config.get(GROUP_KEY, trial_id))}
+    if OPTUNA_TRIAL_KEY in config:
+        tags[OPTUNA_TRIAL_TAG] = str(config[OPTUNA_TRIAL_KEY])
+    number = trial_number(trial_id)
     run = TrialRun(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, trial_id, ctx.study,
-                   {**cfg.to_flat(), "trial_id": trial_id}, tags, trial_number(trial_id))
+                   {**cfg.to_flat(), "trial_id": trial_id}, tags,
+                   None if number is None else number + ctx.trial_offset)
     if run.finished_metrics is not None:
         # Finished before the driver was killed, but after Ray last saved its state: the
         # MLflow run is the record, so replay it instead of training again.
@@ -222,7 +266,100 @@ class FinalizeTrialRuns(tune.Callback):
             self._close(trial, "pruned", pruned_reason((trial.last_result or {}).get(M.EPOCH)))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._close(trial, "error", str(getattr(trial, "error_msg", "") or "trial raised"))
+        self._close(trial, "error", ProgressCallback.error_line(trial) or "the trial raised an error")
+
+
+class ProgressCallback(tune.Callback):
+    """Tune's trial events as `tuning.progress.StudyProgress` events: the study's live line.
+
+    Tune calls these on its driver thread. A trial that completes without `DONE_KEY` in its
+    last report was stopped by the scheduler (pruned). Tune closes the line when the
+    experiment ends; the caller closes it (`close()`) when fit() raises or is interrupted.
+
+    The Tuner pickles its callbacks into the study's saved state and `Tuner.restore` brings
+    that copy back. A pickled copy leaves the live line behind and does nothing, so a resumed
+    study puts this session's callback in with `install(tuner)`. Under Ray Client (ray://)
+    Tune runs on the cluster with such a copy: no live line there.
+    """
+
+    def __init__(self, progress: StudyProgress | None, trial_offset: int = 0) -> None:
+        self.progress = progress
+        self.trial_offset = trial_offset  # trials of the study's earlier Ray experiments
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"progress": None, "trial_offset": self.trial_offset}
+
+    def install(self, tuner: Any) -> Any:
+        """Replace the restored (inert) copy in a `Tuner.restore`d tuner's callbacks by this
+        one. Ray has no public way to add callbacks on restore; `_local_tuner` is None under
+        Ray Client."""
+        local = getattr(tuner, "_local_tuner", None)
+        if local is not None:
+            config = local.get_run_config()
+            config.callbacks = [c for c in config.callbacks or []
+                                if not isinstance(c, ProgressCallback)] + [self]
+        return tuner
+
+    def number(self, trial: Any) -> int | None:
+        """The study's count of the trial: Tune's search generator starts the experiment tag
+        with it (`26_lr=...`), as `trial_number` reads it from the trial's directory name."""
+        head = str(getattr(trial, "experiment_tag", "") or "").split("_", 1)[0]
+        return int(head) + self.trial_offset if head.isdigit() else None
+
+    @staticmethod
+    def error_line(trial: Any) -> str:
+        """The trial's own exception, not Ray's wrapper and traceback around it. Read from
+        the driver's copy of the trial's error files (written just before on_trial_error;
+        the copy under storage_path comes later)."""
+        try:
+            if trial.pickled_error_file and os.path.exists(trial.pickled_error_file):
+                with open(trial.pickled_error_file, "rb") as f:
+                    exc = ray.cloudpickle.load(f)  # a RayTaskError; its cause the trial's own
+                cause = getattr(exc, "cause", None) or exc
+                return f"{type(cause).__name__}: {cause}"
+            if trial.error_file and os.path.exists(trial.error_file):
+                lines = [line for line in Path(trial.error_file).read_text().splitlines()
+                         if line.strip()]
+                return lines[-1] if lines else ""
+        except Exception:  # noqa: BLE001 (a progress line must not fail the study)
+            return ""
+        return ""
+
+    def setup(self, **info: Any) -> None:
+        if self.progress is not None:
+            self.progress.start()
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.progress is not None:
+            self.progress.refresh()  # the clock moves between trial events
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if self.progress is not None:
+            self.progress.trial_started(trial.trial_id, self.number(trial))
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        if self.progress is not None:
+            self.progress.trial_result(trial.trial_id, result)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if self.progress is not None:
+            last = trial.last_result or {}
+            self.progress.trial_finished(trial.trial_id,
+                                         "completed" if last.get(DONE_KEY) else "pruned", last,
+                                         number=self.number(trial))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if self.progress is not None:
+            self.progress.trial_finished(trial.trial_id, "error", trial.last_result or {},
+                                         error=self.error_line(trial), number=self.number(trial))
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
 
 
 @dataclass
@@ -237,16 +374,62 @@ class TuneSettings:
     mode: str | list[str]
     epochs: int
     repeats: int = 1  # runs of each proposed config (train.seed, +1, ...); the searcher sees the mean
+    experiment: str = ""  # Ray's experiment folder under storage_path (the study, or an extension)
+    optuna_storage: str | None = None  # RDB URL of the study's Optuna trials (None: in memory)
+    optuna_study: str = ""
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
+    """Silence what contradicts our own output or tells the user nothing; real warnings stay.
+    Safe to call more than once (init_ray and run_tuner both do)."""
     import logging
 
     import optuna
 
+    def drop(logger: str, *starts: str) -> None:
+        """Drop one logger's messages that start so, and only those (its others stay)."""
+        log = logging.getLogger(logger)
+        if not any(getattr(f, "drops", None) == starts for f in log.filters):
+            def keep(record: logging.LogRecord) -> bool:
+                return not record.getMessage().startswith(starts)
+
+            keep.drops = starts  # type: ignore[attr-defined]
+            log.addFilter(keep)
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # MLflow's INFO lines ("Creating initial MLflow database tables...", "Updating database
+    # tables" when a study opens a new SQLite store): bookkeeping, not progress.
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # MLflow prints "🏃 View run <name> at: <url>" and "🧪 View experiment at: <url>" to stdout
+    # each time the driver ends a run on a tracking server (every pruned or killed trial that
+    # FinalizeTrialRuns closes, and the study's run): two lines per trial through the live
+    # line. `hpn-tune run` ends with its own "browse it: hpn-tune ui ..." instead.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    # ray.init: "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=
+    # disabled to opt out. ...", on every ray.init that starts (or finds) a local cluster. It
+    # asks users to turn off the protection that our --address errors ask them to set up;
+    # auth stays as Ray chose. Dropped by its text: the same logger's warning that auth is
+    # *disabled* is a real one and stays. (RAY_AUTH_MODE=token would also silence it, but
+    # refuses a local cluster started without auth, which ray.init() may find and join.)
+    drop("ray._private.authentication.authentication_token_setup",
+         "Token authentication is enabled for this Ray cluster")
+    # Ray Tune after a Ctrl-C: "Experiment has been interrupted, but the most recent state
+    # was saved. Resume experiment with: Tuner.restore(path=..., trainable=...)". Not how a
+    # study resumes: run_study prints our own `hpn-tune run --name S --resume` command.
+    # ("Stop signal received ... Press CTRL+C to skip" from the same logger stays.)
+    # Same logger, when fit() ends with trials not TERMINATED: "Trials did not complete:
+    # [trial_fn_5736c061, ...]", Ray's ids of the errored (or, after a Ctrl-C, unfinished)
+    # trials, which our summary counts and the live line and MLflow name as <study>-tNNN.
+    drop("ray.tune.tune", "Experiment has been interrupted", "Training has been interrupted",
+         "Trials did not complete")
+    # "Failed to fetch metrics for N trial(s): - trial_fn_...: FileNotFoundError('Could not
+    # fetch metrics for ...: both result.json and progress.csv were not found at ...')", each
+    # time Ray loads the study's state (fit()'s result grid, Tuner.restore, trial_statuses)
+    # for every trial that never reported: not started before a Ctrl-C, or failed in its
+    # first epoch (Ray's Trial.last_result is never None, so it looks for their files). We
+    # read trial metrics from MLflow, never from these files.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
 
 
 def trial_statuses(experiment_path: str) -> dict[str, str]:
@@ -267,7 +450,8 @@ def experiment_path(storage_path: str, study: str) -> str:
 
 
 def run_tuner(define_by_run: Any, sampler: Any, data: PreparedData, ctx: StudyContext,
-              settings: TuneSettings, resume: bool) -> Any:
+              settings: TuneSettings, resume: bool,
+              progress: ProgressCallback | None = None) -> Any:
     """Run (or resume) the study; returns Ray's ResultGrid."""
     trainable = tune.with_parameters(trial_fn, data=data, ctx=ctx)  # data goes to the object store once
     resources = {"cpu": settings.cpus_per_trial}
@@ -279,14 +463,23 @@ def run_tuner(define_by_run: Any, sampler: Any, data: PreparedData, ctx: StudyCo
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     # Our own summary is the study's output; Ray's console tables would bury it.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    _quiet_libraries()
+    quiet_libraries()
     if resume:
-        exp_path = experiment_path(settings.storage_path, ctx.study)
-        return tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
-                                  resume_errored=False, restart_errored=False).fit()
+        exp_path = experiment_path(settings.storage_path, settings.experiment)
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+        if progress is not None:
+            progress.install(tuner)  # restored callbacks are the pickled, inert copy
+        return tuner.fit()
     multi = isinstance(settings.metric, list)
-    searcher = OptunaSearch(space=define_by_run, sampler=sampler, metric=settings.metric,
-                            mode=settings.mode)
+    storage = None
+    if settings.optuna_storage:
+        from tuning.optuna_store import open_storage
+
+        storage = open_storage(settings.optuna_storage)
+    searcher = StudySearch(space=define_by_run, sampler=sampler, metric=settings.metric,
+                           mode=settings.mode, storage=storage,
+                           study_name=settings.optuna_study or None)
     if settings.repeats > 1:
         searcher = SeedRepeats(searcher, repeat=settings.repeats)
     if settings.scheduler == "asha" and not multi:
@@ -305,9 +498,9 @@ def run_tuner(define_by_run: Any, sampler: Any, data: PreparedData, ctx: StudyCo
             metric=None if multi else settings.metric, mode=None if multi else settings.mode,
         ),
         run_config=tune.RunConfig(
-            name=ctx.study, storage_path=settings.storage_path,
+            name=settings.experiment, storage_path=settings.storage_path,
             failure_config=tune.FailureConfig(max_failures=0),
-            callbacks=[FinalizeTrialRuns(ctx)], verbose=0,
+            callbacks=[FinalizeTrialRuns(ctx), *([progress] if progress else [])], verbose=0,
         ),
     )
     return tuner.fit()

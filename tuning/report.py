@@ -1,22 +1,23 @@
-"""The study report: trials.csv, a handful of PNG plots and edge_report.json.
+"""The study report: trials.csv, edge_report.json and PNG plots.
 
-Each plot is two functions, as in Optuna: `*_data` computes a NamedTuple the tests check,
-`_draw_*` draws it. The objective is maximised. A trial counts when it completed with a
-finite objective; the history also shows pruned trials (their last reported value).
-edge_report.json answers the tuning playbook's question: do the best trials crowd the edge
-of a searched range? If they do, the range was wrong and the study should be widened.
-Figures are built with `Figure`, never pyplot: no backend is chosen and no window can open.
+Where Optuna draws a plot (history, importances, parallel coordinates, contour, slice, Pareto
+front), `write_optuna_plots` uses `optuna.visualization.matplotlib` on the study's own Optuna
+study (tuning/optuna_store.py), so the plots match what optuna-dashboard shows. Ours are only
+what Optuna has no plot for: the prototype dimension x count heatmap (the seed project's
+view) and edge_report.json, which answers the tuning playbook's question: do the best trials
+crowd the edge of a searched range? If they do, the range was wrong and the study should be
+widened. The objective is maximised; a trial counts when it completed with a finite objective.
+Our figures are built with `Figure`, never pyplot: no backend is chosen, no window can open.
 """
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
-from matplotlib import cm, colors
 from matplotlib.figure import Figure
 
 from hpn.metrics import NUM_PROTOTYPES, TEST_ACCURACY, VAL_ACCURACY
@@ -29,35 +30,10 @@ LOG_SPAN = 10.0  # ranges wider than 10x are judged in log space
 MAX_BINS = 8
 
 
-class HistoryData(NamedTuple):
-    order: list[int]
-    values: list[float]
-    best_so_far: list[float]  # running best over completed trials (NaN before the first)
-    pruned: list[bool]
-
-
-class ImportanceData(NamedTuple):
-    params: list[str]
-    importances: list[float]  # sorted descending, sum to 1; both empty when undecidable
-
-
-class ParallelData(NamedTuple):
-    params: list[str]
-    positions: np.ndarray  # (trials, params), each axis normalised to [0, 1]
-    values: list[float]
-
-
 class HeatmapData(NamedTuple):
     dims: list[float]
     counts: list[float]
     mean: np.ndarray  # (len(dims), len(counts)), NaN where no trial fell
-
-
-class ParetoData(NamedTuple):
-    values: list[float]
-    memory: list[float]
-    is_pareto: list[bool]
-    trial_ids: list[str]
 
 
 def _finite(trials: pd.DataFrame, objective: str, states=("completed",)) -> pd.DataFrame:
@@ -68,10 +44,6 @@ def _finite(trials: pd.DataFrame, objective: str, states=("completed",)) -> pd.D
     out = trials[keep].copy()
     out[objective] = obj[keep].astype(float)
     return out.sort_values("order", kind="stable") if "order" in out.columns else out
-
-
-def _param_columns(trials: pd.DataFrame) -> list[str]:
-    return [c for c in trials.columns if c.startswith(PARAM_PREFIX) and trials[c].notna().any()]
 
 
 def _is_numeric(col: pd.Series) -> bool:
@@ -114,65 +86,6 @@ def best_config(trials: pd.DataFrame, objective: str = VAL_ACCURACY) -> BestConf
                       len(cell))
 
 
-def history_data(trials: pd.DataFrame, objective: str = VAL_ACCURACY) -> HistoryData:
-    rows = _finite(trials, objective, states=("completed", "pruned"))
-    if rows.empty:
-        return HistoryData([], [], [], [])
-    order = rows["order"].astype(int).tolist() if "order" in rows.columns else list(range(len(rows)))
-    values = rows[objective].tolist()
-    # Best over completed trials only, so the last point is the best trial's value.
-    completed = rows[objective].where(rows["state"] == "completed")
-    return HistoryData(order, values, completed.cummax().ffill().tolist(),
-                       (rows["state"] == "pruned").tolist())
-
-
-def importance_data(trials: pd.DataFrame, objective: str = VAL_ACCURACY) -> ImportanceData:
-    from sklearn.ensemble import RandomForestRegressor
-
-    done = _finite(trials, objective)
-    params = _param_columns(done)
-    if len(done) < 3 or len(params) < 2 or done[objective].nunique() < 2:
-        return ImportanceData([], [])
-    features = []
-    for c in params:
-        col = done[c]
-        if _is_numeric(col):
-            x = col.astype(float)
-            # An absent conditional value becomes its own level below the observed range.
-            features.append(x.fillna(x.min() - (x.max() - x.min()) - 1.0).to_numpy())
-        else:
-            features.append(pd.factorize(col.astype("object"))[0].astype(float))  # NaN -> -1
-    forest = RandomForestRegressor(n_estimators=200, random_state=0, min_samples_leaf=1)
-    forest.fit(np.column_stack(features), done[objective].to_numpy())
-    imp = forest.feature_importances_
-    if not np.isfinite(imp).all() or imp.sum() <= 0:
-        return ImportanceData([], [])
-    ranked = sorted(zip(params, imp / imp.sum()), key=lambda t: -t[1])
-    return ImportanceData([p[len(PARAM_PREFIX):] for p, _ in ranked], [float(v) for _, v in ranked])
-
-
-def parallel_data(trials: pd.DataFrame, objective: str = VAL_ACCURACY,
-                  space_ranges: dict[str, tuple[float, float]] | None = None) -> ParallelData:
-    done = _finite(trials, objective)
-    if done.empty:
-        return ParallelData([], np.empty((0, 0)), [])
-    params = _param_columns(done)
-    ranges = {k.removeprefix(PARAM_PREFIX): v for k, v in (space_ranges or {}).items()}
-    axes = []
-    for c in params:
-        col = done[c]
-        if _is_numeric(col):
-            x = col.astype(float).to_numpy()
-            low, high = ranges.get(c[len(PARAM_PREFIX):], (np.nanmin(x), np.nanmax(x)))
-            axes.append(_unit(x, float(low), float(high)))
-        else:
-            codes = pd.factorize(col.astype("object"), sort=True)[0].astype(float)
-            codes[codes < 0] = np.nan
-            axes.append(codes / max(np.nanmax(codes), 1.0))
-    positions = np.column_stack(axes) if axes else np.empty((len(done), 0))
-    return ParallelData([p[len(PARAM_PREFIX):] for p in params], positions, done[objective].tolist())
-
-
 def _bins(values: np.ndarray) -> tuple[list[float], np.ndarray]:
     """Few distinct values keep their own rows; many share log-spaced bins (geometric centres)."""
     uniq = np.unique(values)
@@ -211,20 +124,6 @@ def heatmap_data(trials: pd.DataFrame, objective: str = VAL_ACCURACY) -> Heatmap
         return HeatmapData(dims, counts, np.where(n > 0, total / n, np.nan))
 
 
-def pareto_data(trials: pd.DataFrame, objective: str, memory_metric: str) -> ParetoData:
-    done = _finite(trials, objective)
-    if memory_metric not in done.columns:
-        return ParetoData([], [], [], [])
-    mem = pd.to_numeric(done[memory_metric], errors="coerce").astype(float)
-    done = done[np.isfinite(mem)]
-    v, m = done[objective].to_numpy(), mem[np.isfinite(mem)].to_numpy()
-    # Dominated: another trial is at least as accurate and as light, and strictly better in one.
-    dominated = [bool(np.any((v >= v[i]) & (m <= m[i]) & ((v > v[i]) | (m < m[i]))))
-                 for i in range(len(v))]
-    ids = done["trial_id"].astype(str).tolist() if "trial_id" in done.columns else [""] * len(v)
-    return ParetoData(v.tolist(), m.tolist(), [not d for d in dominated], ids)
-
-
 def edge_data(trials: pd.DataFrame, objective: str,
               space_ranges: dict[str, tuple[float, float]] | None) -> dict[str, dict]:
     done = _finite(trials, objective)
@@ -245,45 +144,6 @@ def edge_data(trials: pd.DataFrame, objective: str,
     return report
 
 
-def _draw_history(d: HistoryData, objective: str) -> Figure:
-    fig = Figure(figsize=(7, 4))
-    ax = fig.add_subplot()
-    kept = [not p for p in d.pruned]
-    ax.scatter(np.array(d.order)[kept], np.array(d.values)[kept], s=14, label="completed")
-    if any(d.pruned):
-        ax.scatter(np.array(d.order)[d.pruned], np.array(d.values)[d.pruned], s=14,
-                   marker="x", color="grey", label="pruned (last report)")
-    ax.step(d.order, d.best_so_far, where="post", color="C3", label="best so far")
-    ax.set(xlabel="trial (completion order)", ylabel=objective, title="Optimization history")
-    ax.legend(loc="lower right")
-    return fig
-
-
-def _draw_importances(d: ImportanceData, objective: str) -> Figure:
-    fig = Figure(figsize=(7, 1 + 0.4 * len(d.params)))
-    ax = fig.add_subplot()
-    ax.barh(d.params[::-1], d.importances[::-1])
-    ax.set(xlabel=f"importance for {objective} (random forest)", title="Parameter importances")
-    fig.tight_layout()
-    return fig
-
-
-def _draw_parallel(d: ParallelData, objective: str) -> Figure:
-    fig = Figure(figsize=(max(6, 1.6 * len(d.params)), 4.5))
-    ax = fig.add_subplot()
-    values = np.array(d.values)
-    lo, hi = values.min(), values.max()
-    scale = cm.ScalarMappable(colors.Normalize(lo, hi if hi > lo else lo + 1e-9), "viridis")
-    x = np.arange(len(d.params))
-    for row, value in sorted(zip(d.positions, values), key=lambda t: t[1]):  # best on top
-        ax.plot(x, row, color=scale.to_rgba(value), alpha=0.7, lw=1)
-    ax.set_xticks(x, d.params, rotation=20, ha="right")
-    ax.set(ylim=(-0.05, 1.05), ylabel="position in range", title="Parallel coordinates")
-    fig.colorbar(scale, ax=ax, label=objective)
-    fig.tight_layout()
-    return fig
-
-
 def draw_heatmap(d: HeatmapData, objective: str) -> Figure:
     fig = Figure(figsize=(1.5 + 0.8 * len(d.counts), 1.5 + 0.5 * len(d.dims)))
     ax = fig.add_subplot()
@@ -299,40 +159,79 @@ def draw_heatmap(d: HeatmapData, objective: str) -> Figure:
     return fig
 
 
-def _draw_pareto(d: ParetoData, objective: str, memory_metric: str) -> Figure:
-    fig = Figure(figsize=(6, 4.5))
-    ax = fig.add_subplot()
-    front = sorted((m, v) for m, v, p in zip(d.memory, d.values, d.is_pareto) if p)
-    ax.scatter(d.memory, d.values, s=14, color="lightgrey", label="trials")
-    ax.plot(*zip(*front), "o-", color="C3", label="Pareto front")
-    ax.set(xlabel=f"{memory_metric} (lower is better)", ylabel=objective, title="Pareto front")
-    ax.legend(loc="lower right")
-    return fig
-
-
 def write_study_report(trials: pd.DataFrame, out_dir: str | Path, objective: str = VAL_ACCURACY,
-                       memory_metric: str | None = None,
                        space_ranges: dict[str, tuple[float, float]] | None = None) -> list[Path]:
-    """Write the report into out_dir; returns the files written (plots with no data are skipped)."""
+    """trials.csv, edge_report.json and the heatmap (when the study varied dimension and
+    count) into out_dir; returns the files written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ordered = trials.sort_values("order", kind="stable") if "order" in trials.columns else trials
     ordered.to_csv(out / "trials.csv", index=False)
     (out / "edge_report.json").write_text(json.dumps(edge_data(trials, objective, space_ranges), indent=2))
     written = [out / "trials.csv", out / "edge_report.json"]
-
-    figures: dict[str, Figure] = {}
-    if (h := history_data(trials, objective)).values:
-        figures["optimization_history.png"] = _draw_history(h, objective)
-    if (i := importance_data(trials, objective)).params:
-        figures["param_importances.png"] = _draw_importances(i, objective)
-    if (p := parallel_data(trials, objective, space_ranges)).params and len(p.values) >= 2:
-        figures["parallel_coordinates.png"] = _draw_parallel(p, objective)
     if (m := heatmap_data(trials, objective)).dims:
-        figures["accuracy_heatmap.png"] = draw_heatmap(m, objective)
-    if memory_metric and (f := pareto_data(trials, objective, memory_metric)).values:
-        figures["pareto_front.png"] = _draw_pareto(f, objective, memory_metric)
-    for name, fig in figures.items():
-        fig.savefig(out / name, dpi=110, bbox_inches="tight")
-        written.append(out / name)
+        draw_heatmap(m, objective).savefig(out / "accuracy_heatmap.png", dpi=110, bbox_inches="tight")
+        written.append(out / "accuracy_heatmap.png")
     return written
+
+
+#: file -> Optuna's matplotlib plot; each gets `target`/`target_name` on a multi-objective study.
+OPTUNA_PLOTS = {
+    "optimization_history.png": "plot_optimization_history",
+    "param_importances.png": "plot_param_importances",
+    "parallel_coordinates.png": "plot_parallel_coordinate",
+    "contour.png": "plot_contour",
+    "slice.png": "plot_slice",
+}
+
+
+def write_optuna_plots(study: Any, out_dir: str | Path, objective: str = VAL_ACCURACY,
+                       objectives: list[str] | None = None) -> dict[str, str]:
+    """Optuna's own plots of the study into out_dir. Returns {file: written | why skipped}:
+    a plot Optuna cannot draw for this study (too few trials, one parameter, nothing that
+    varied) is skipped with Optuna's reason, never failing the study. With several
+    `objectives` (multi-objective) the plots show the first and a Pareto front is added."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)  # Optuna draws with pyplot: never open a window
+    import matplotlib.pyplot as plt
+    import optuna
+    import optuna.visualization.matplotlib as ovm
+    from optuna.exceptions import ExperimentalWarning
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    multi = bool(objectives) and len(objectives) > 1
+    calls: dict[str, Any] = {}
+    for name, plot in OPTUNA_PLOTS.items():
+        kwargs: dict[str, Any] = {"target_name": objective}
+        if multi:
+            kwargs["target"] = lambda t: t.values[0]
+        calls[name] = (getattr(ovm, plot), kwargs)
+    if multi:
+        calls["pareto_front.png"] = (ovm.plot_pareto_front, {"target_names": list(objectives)})
+    done: dict[str, str] = {}
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # "no complete trials": said below
+    for name, (plot, kwargs) in calls.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)  # Optuna's matplotlib backend
+            warnings.simplefilter("ignore", UserWarning)  # matplotlib on a one-point axis
+            try:
+                ax = plot(study, **kwargs)
+            except Exception as exc:  # noqa: BLE001 (Optuna raises ValueError/RuntimeError)
+                done[name] = f"skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                plt.close("all")
+                continue
+        axes = ax.flat if hasattr(ax, "flat") else [ax]
+        figure = next(iter(axes)).figure
+        if not any(a.has_data() for a in figure.axes):
+            done[name] = "skipped: nothing to plot"
+        else:
+            figure.savefig(out / name, dpi=110, bbox_inches="tight")
+            done[name] = "written"
+        plt.close(figure)
+    optuna.logging.set_verbosity(verbosity)
+    return done

@@ -90,3 +90,51 @@ def ui(tracking_uri: str | None, port: int, host: str = "127.0.0.1") -> None:
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
            "--host", host, "--port", str(port)]
     os.execvp(sys.executable, cmd)
+
+
+def dashboard(optuna_storage: str | None, tracking_uri: str | None, study: str | None,
+              port: int, host: str = "127.0.0.1", experiment: str = "hpn-tune") -> None:
+    """optuna-dashboard on the studies' Optuna storage, in this process (a storage URL with
+    a password never appears on a command line). Which storage: --optuna-storage, else the
+    one --study recorded, else the default beside the MLflow store."""
+    from optuna_dashboard import run_server
+
+    from tuning import optuna_store
+
+    uri = resolve_tracking_uri(tracking_uri)
+    url = optuna_store.resolve_storage(optuna_storage, uri) if optuna_storage else None
+    if url is None and study:
+        url = _study_storage(uri, experiment, study)
+    url = url or optuna_store.default_storage(uri)
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+        raise HPNInputError(f"--optuna-storage: no Optuna storage at {url}; run a study first "
+                            "(hpn-tune run) or pass the storage it used")
+    storage = optuna_store.open_storage(url)
+    names = sorted(s.study_name for s in storage.get_all_studies())
+    if study and study not in names:
+        raise HPNInputError(f"--study: no study {study!r} in {optuna_store.redact(url)}; it holds: "
+                            f"{', '.join(names) or 'none'}")
+    page = f"http://{host}:{port}/dashboard"
+    if study:
+        page += f"/studies/{storage.get_study_id_from_name(study)}"
+    print(f"optuna-dashboard on {optuna_store.redact(url)} ({len(names)} studies: "
+          f"{', '.join(names) or 'none yet'}) at {page}", flush=True)
+    run_server(storage, host=host, port=port)
+
+
+def _study_storage(tracking_uri: str, experiment: str, study: str) -> str | None:
+    """The Optuna storage a study recorded (None when it recorded none, or needs a password)."""
+    from mlflow.tracking import MlflowClient
+
+    from tuning.tracking import OPTUNA_STORAGE_TAG, find_study_run
+
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
+        return None  # no MLflow store there yet: do not create one just to look
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    run_id = find_study_run(client, exp.experiment_id, study) if exp else None
+    stored = client.get_run(run_id).data.tags.get(OPTUNA_STORAGE_TAG) if run_id else None
+    if stored and "***" in stored:
+        raise HPNInputError(f"--optuna-storage: study {study!r}'s storage {stored} needs its "
+                            "password; pass the full URL with --optuna-storage")
+    return stored

@@ -19,14 +19,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
+from mlflow.entities import Param, RunTag
 
 from hpn import metrics as M
 from hpn.config import load_config, parse_override
 from hpn.errors import HPNInputError
 from hpn.train import prepare_data
-from tuning import tracking
-from tuning.tracking import CONFIG_GROUP_TAG, REPEAT_TAG, STATE_TAG, TRIAL_ID_TAG, trial_runs
+from tuning import optuna_store, tracking
 from tuning.spaces import load_space, resolve_space_path
+from tuning.tracking import CONFIG_GROUP_TAG, REPEAT_TAG, STATE_TAG, TRIAL_ID_TAG, trial_runs
 
 DEFAULT_EXPERIMENT = "hpn-tune"
 SCHEDULERS = ("asha", "fifo")
@@ -48,13 +49,15 @@ class StudyOptions:
     scheduler: str | None = None  # None: asha, but fifo for grid, repeated and multi-objective studies
     address: str | None = None
     storage_path: str | None = None
+    optuna_storage: str | None = None  # None: sqlite optuna.db beside the MLflow store
     resume: bool = False
     seed: int | None = None  # sampler seed; None: a new one per study, recorded to replay it
     repeats: int | None = None  # runs of each config (train.seed, +1, ...; the sampler sees the
     # mean); None: 1 for a new study, the recorded number on resume
     register: bool = True
     model_name: str = "hpn-persona"
-    progress: bool = False
+    progress: bool = False  # the live line (only on a terminal)
+    verbose: bool = False  # with progress, a line per finished trial
 
 
 def _check(opts: StudyOptions) -> None:
@@ -88,6 +91,7 @@ def trials_frame(client: Any, experiment_id: str, parent_run_id: str) -> pd.Data
         row: dict[str, Any] = {
             "trial_id": tags.get(TRIAL_ID_TAG),
             "run_id": run.info.run_id,
+            "run_name": run.info.run_name,  # <study>-t007
             "state": tags.get(STATE_TAG, "running"),
             "start_time": run.info.start_time,
             # a study from before --repeats: every trial is its own config
@@ -150,6 +154,15 @@ def _study_config(opts: StudyOptions, space: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class Leg:
+    """One Ray Tune experiment of a study: the first is named after the study, each
+    extension (`--resume --trials N` beyond the recorded count) adds `<study>-x2`, ..."""
+
+    name: str
+    trials: int  # configs this experiment proposes (each run `repeats` times)
+
+
+@dataclass(frozen=True)
 class StudyPlan:
     """What a study runs with; a resumed study takes it from its parent run's tags."""
 
@@ -163,38 +176,54 @@ class StudyPlan:
     max_concurrent: int
     cpus_per_trial: float
     gpus_per_trial: float | None  # None: decided once Ray is up (0.25 with a GPU, else 0)
+    optuna_storage: str | None  # RDB URL (with its password, if any); None: a study from
+    # before the storage, whose sampler lives only in Ray's state
+    legs: tuple[Leg, ...] = ()  # Ray experiments so far (none for a new study)
 
 
-def _new_plan(opts: StudyOptions) -> StudyPlan:
+def _new_plan(opts: StudyOptions, tracking_uri: str, name: str) -> StudyPlan:
     space = load_space(resolve_space_path(opts.space))
     # A seed per study: samplers with one fixed seed start from the same random configs, so
     # short studies would all report the same best config. Recorded, so it can be replayed.
     seed = opts.seed if opts.seed is not None else secrets.randbelow(2**31)
     repeats = opts.repeats or 1
     sampler = opts.sampler or "tpe"
+    storage_url = optuna_store.resolve_storage(opts.optuna_storage, tracking_uri)
+    if optuna_store.study_exists(optuna_store.open_storage(storage_url), name):
+        raise HPNInputError(
+            f"--name: the Optuna storage {optuna_store.redact(storage_url)} already holds a study "
+            f"named {name!r} (from a deleted MLflow store?); pick another name or delete it "
+            f"with: optuna delete-study --study-name {name} --storage {optuna_store.redact(storage_url)}")
     return StudyPlan(space, _study_config(opts, space), sampler,
                      resolve_scheduler(opts.scheduler, sampler, repeats), seed, repeats,
                      opts.trials or 12, opts.max_concurrent or 2, opts.cpus_per_trial or 1.0,
-                     opts.gpus_per_trial)
+                     opts.gpus_per_trial, storage_url)
 
 
 def _resume_plan(opts: StudyOptions, parent_run: Any) -> StudyPlan:
-    """A resumed study keeps its space, config, sampler, scheduler, seed and repeats."""
+    """A resumed study keeps its space, config, sampler, scheduler, seed and repeats;
+    `--trials N` above its recorded count extends it to N trials in all."""
     from hpn.config import from_dict
 
     tags = parent_run.data.tags
-    if parent_run.info.status == "FINISHED":
-        raise HPNInputError(f"--resume: study {tags[tracking.STUDY_TAG]!r} already finished; "
-                            "nothing to resume (start a new study with another --name)")
+    name = tags[tracking.STUDY_TAG]
 
     def recorded(tag: str, cast: type, fallback: Any) -> Any:
         # studies from before a setting was recorded: the flag, else the old default
         return cast(tags[tag]) if tag in tags else fallback
 
+    trials = recorded(tracking.TRIALS_TAG, int, opts.trials or 12)
+    if opts.trials is not None and opts.trials < trials:
+        raise HPNInputError(f"--trials: {opts.trials} is fewer than study {name!r}'s {trials}; a "
+                            f"study can only be extended (drop --trials to resume it)")
+    extend = opts.trials is not None and opts.trials > trials
+    if parent_run.info.status == "FINISHED" and not extend:
+        raise HPNInputError(f"--resume: study {name!r} already finished its {trials} trials; "
+                            f"extend it with --trials N (N > {trials}) or start a new study "
+                            "with another --name")
     held = {
         "--seed": (opts.seed, recorded(tracking.SEED_TAG, int, 0)),
         "--repeats": (opts.repeats, recorded(tracking.REPEATS_TAG, int, 1)),
-        "--trials": (opts.trials, recorded(tracking.TRIALS_TAG, int, opts.trials or 12)),
         "--max-concurrent": (opts.max_concurrent,
                              recorded(tracking.MAX_CONCURRENT_TAG, int, opts.max_concurrent or 2)),
         "--cpus-per-trial": (opts.cpus_per_trial,
@@ -219,10 +248,43 @@ def _resume_plan(opts: StudyOptions, parent_run: Any) -> StudyPlan:
             raise HPNInputError(
                 f"--resume: the given --space/--config/--set differ from the study's "
                 f"({', '.join(diff) or 'space file'}); drop them to resume the study as it was")
+    storage_url = _recorded_storage(opts, tags)
+    if extend and storage_url is None:
+        raise HPNInputError(f"--trials: study {name!r} predates hpn-tune's Optuna storage, so its "
+                            "sampler history cannot be reopened; resume it without --trials")
+    if tracking.RAY_EXPERIMENTS_TAG in tags:
+        legs = tuple(Leg(**leg) for leg in json.loads(tags[tracking.RAY_EXPERIMENTS_TAG]))
+    else:  # a study from before extensions: one experiment, named after the study
+        from tuning.samplers import grid_size
+
+        grid = tags[tracking.SAMPLER_TAG] == "grid"
+        legs = (Leg(name, min(trials, grid_size(space)) if grid else trials),)
     value = {flag: study for flag, (_, study) in held.items()}
     return StudyPlan(space, base, value["--sampler"], value["--scheduler"], value["--seed"],
-                     value["--repeats"], value["--trials"], value["--max-concurrent"],
-                     value["--cpus-per-trial"], value["--gpus-per-trial"])
+                     value["--repeats"], opts.trials if extend else trials,
+                     value["--max-concurrent"], value["--cpus-per-trial"],
+                     value["--gpus-per-trial"], storage_url, legs)
+
+
+def _recorded_storage(opts: StudyOptions, tags: dict[str, str]) -> str | None:
+    """The study's Optuna storage: its tag holds the URL without a password, so a storage
+    with one needs --optuna-storage again (checked against the tag)."""
+    stored = tags.get(tracking.OPTUNA_STORAGE_TAG)
+    if stored is None:
+        if opts.optuna_storage:
+            raise HPNInputError("--optuna-storage: this study predates hpn-tune's Optuna storage "
+                                "and cannot be moved into one; drop the flag")
+        return None
+    if opts.optuna_storage:
+        given = optuna_store.resolve_storage(opts.optuna_storage, "")
+        if optuna_store.redact(given) != stored:
+            raise HPNInputError(f"--optuna-storage: {optuna_store.redact(given)} differs from the "
+                                f"study's {stored}; drop the flag to use the study's")
+        return given
+    if "***" in stored:
+        raise HPNInputError(f"--optuna-storage: the study's storage {stored} needs its password; "
+                            "pass the full URL with --optuna-storage")
+    return stored
 
 
 def _check_counts(space: Any, num_classes: int) -> None:
@@ -269,20 +331,20 @@ def _check_cluster_reach(opts: StudyOptions, tracking_uri: str) -> None:
 
 
 def run_study(opts: StudyOptions) -> dict[str, Any]:
+    """Check, plan, open the study's runs, run its Ray experiments, then report and register."""
     from mlflow.tracking import MlflowClient
 
     from tuning import ray_tune
-    from tuning.report import best_config
-    from tuning.samplers import grid_size, is_multi_objective, make_sampler
+    from tuning.samplers import is_multi_objective
 
     _check(opts)
+    ray_tune.quiet_libraries()  # before the first MLflow call: its INFO lines on a new store
     session_started = time.time()
     name = opts.name or time.strftime("study-%Y%m%d-%H%M%S")
     tracking_uri = tracking.resolve_tracking_uri(opts.tracking_uri)
     storage = opts.storage_path or str(Path.cwd() / "ray_results")
     if "://" not in storage:
         storage = str(Path(storage).resolve())
-    exp_path = ray_tune.experiment_path(storage, name)
 
     if opts.address and tracking.is_local_store(tracking_uri):
         # Refuse before MLflow creates a local store that the cluster could not use anyway.
@@ -295,23 +357,20 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
     if opts.resume:
         if parent is None:
             raise HPNInputError(f"--resume: no study named {name!r} in experiment {opts.experiment!r}")
-        if not ray_tune.can_restore(exp_path):
-            raise HPNInputError(f"--resume: no saved Ray state for {name!r} under {storage}; "
-                                "pass the --storage-path the study ran with")
         plan = _resume_plan(opts, client.get_run(parent))
     else:
         if parent is not None:
             raise HPNInputError(f"--name: a study named {name!r} already exists; pass --resume or a new name")
-        plan = _new_plan(opts)
-    space, base, sampler_name, scheduler = plan.space, plan.base, plan.sampler, plan.scheduler
-    multi = is_multi_objective(sampler_name)
-    if multi and plan.repeats > 1:
-        raise HPNInputError(f"--repeats: the {sampler_name} sampler optimises several metrics and "
+        plan = _new_plan(opts, tracking_uri, name)
+    if is_multi_objective(plan.sampler) and plan.repeats > 1:
+        raise HPNInputError(f"--repeats: the {plan.sampler} sampler optimises several metrics and "
                             "Ray's Repeater averages one; drop --repeats or use another --sampler")
-    sampler = make_sampler(sampler_name, plan.seed, space)
-    trials = plan.trials
-    if sampler_name == "grid":
-        trials = min(trials, grid_size(space))  # past the grid, Optuna repeats points
+    if (opts.address or "").startswith("ray://") and (plan.optuna_storage or "").startswith("sqlite:"):
+        raise HPNInputError(
+            "--optuna-storage: through ray:// the study's searcher runs on the Ray head node, "
+            f"which cannot open this machine's {plan.optuna_storage}; give a database URL the "
+            "head reaches (e.g. postgresql://user@db/optuna)")
+    runs = _legs_to_run(plan, name, storage, client.get_run(parent).info.status if parent else None)
 
     ray_tune.init_ray(opts.address)
     _check_cluster_reach(opts, tracking_uri)
@@ -321,69 +380,201 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
     elif gpus > 0 and ray_tune.cluster_gpus() == 0:
         raise HPNInputError("--gpus-per-trial: the Ray cluster has no GPU; drop the flag to run on CPU")
 
-    data = prepare_data(base, progress=opts.progress)
-    _check_counts(space, data.corpus.num_classes)
-    if parent is None:
-        parent = client.create_run(experiment_id, run_name=name, tags={
-            tracking.STUDY_TAG: name, tracking.ROLE_TAG: "study",
-            tracking.SPACE_FILE_TAG: str(Path(space.path).resolve()), tracking.SAMPLER_TAG: sampler_name,
-            tracking.SCHEDULER_TAG: scheduler, tracking.FINGERPRINT_TAG: data.fingerprint,
-            tracking.SEED_TAG: str(plan.seed), tracking.REPEATS_TAG: str(plan.repeats),
-            tracking.TRIALS_TAG: str(plan.trials), tracking.MAX_CONCURRENT_TAG: str(plan.max_concurrent),
-            tracking.CPUS_PER_TRIAL_TAG: str(plan.cpus_per_trial), tracking.GPUS_PER_TRIAL_TAG: str(gpus),
-            tracking.CODE_VERSION_TAG: tracking.code_version(),
-            tracking.COMMAND_TAG: " ".join(shlex.quote(a) for a in sys.argv),
-            tracking.BASE_CONFIG_TAG: json.dumps(base.to_dict()),
-            "mlflow.note.content": space.summary,
-        }).info.run_id
-        for key, value in sorted(base.to_flat().items()):
-            client.log_param(parent, key, str(value))
-        client.log_artifact(parent, str(space.path), "space")
-    else:
+    data = prepare_data(plan.base, progress=opts.progress)
+    _check_counts(plan.space, data.corpus.num_classes)
+    parent = _open_parent(client, experiment_id, parent, name, plan, gpus, data)
+    legs = list(plan.legs)
+    total = (sum(x.trials for x in plan.legs)
+             + sum(leg.trials for leg, again in runs if not again)) * plan.repeats
+    for leg, resume in runs:
+        if not resume:  # recorded before it runs, so an interrupted extension resumes
+            legs.append(leg)
+            client.set_tag(parent, tracking.RAY_EXPERIMENTS_TAG,
+                           json.dumps([vars(x) for x in legs]))
+            client.set_tag(parent, tracking.TRIALS_TAG, str(sum(x.trials for x in legs)))
+        _run_leg(client, experiment_id, parent, name, tracking_uri, storage, plan, legs, leg,
+                 resume, gpus, data, opts, session_started, total)
+        if _finished(_all_statuses(storage, [leg])) < leg.trials * plan.repeats:
+            break  # interrupted (Ctrl-C): no extension starts after it
+
+    statuses = _all_statuses(storage, legs)
+    _mark_lost_trials(client, experiment_id, parent, set(statuses))
+    wanted = sum(leg.trials for leg in legs) * plan.repeats
+    finished = _finished(statuses)
+    if finished < wanted:  # Ray's fit() returns normally after a Ctrl-C
+        _log_wall(client, parent, session_started)
+        client.set_terminated(parent, "KILLED")
+        raise StudyInterrupted(
+            f"study {name!r} stopped with {finished} of {wanted} trials finished; "
+            f"continue it with: {resume_command(opts, name)}")
+    return _finish(client, experiment_id, parent, name, plan, data, tracking_uri, opts,
+                   session_started)
+
+
+def _legs_to_run(plan: StudyPlan, name: str, storage: str,
+                 status: str | None) -> list[tuple[Leg, bool]]:
+    """(Ray experiment, restore it?) in order: an interrupted study restores its last
+    experiment; a study asked for more trials than it has adds an extension experiment."""
+    from tuning import ray_tune
+    from tuning.samplers import grid_size
+
+    runs: list[tuple[Leg, bool]] = []
+    if not plan.legs:  # a new study: one experiment, named after it
+        trials = plan.trials
+        if plan.sampler == "grid":
+            trials = min(trials, grid_size(plan.space))  # past the grid, Optuna repeats points
+        return [(Leg(name, trials), False)]
+    if status != "FINISHED":  # interrupted (or killed outright): its last experiment goes on
+        last = plan.legs[-1]
+        path = ray_tune.experiment_path(storage, last.name)
+        if not ray_tune.can_restore(path):
+            raise HPNInputError(f"--resume: no saved Ray state for {name!r} under {storage}; "
+                                "pass the --storage-path the study ran with")
+        runs.append((last, True))
+    more = plan.trials - sum(leg.trials for leg in plan.legs)
+    if more > 0:
+        if plan.sampler == "grid":
+            left = grid_size(plan.space) - sum(leg.trials for leg in plan.legs)
+            if left <= 0:
+                raise HPNInputError(f"--trials: the grid has {grid_size(plan.space)} cells and "
+                                    f"study {name!r} has run them all; nothing to extend")
+            more = min(more, left)
+        runs.append((Leg(f"{name}-x{len(plan.legs) + 1}", more), False))
+    return runs
+
+
+def _open_parent(client: Any, experiment_id: str, parent: str | None, name: str,
+                 plan: StudyPlan, gpus: float, data: Any) -> str:
+    """The study's parent run: created with what the study runs with, or reopened after
+    checking that the data did not change."""
+    if parent is not None:
         stored = client.get_run(parent).data.tags.get(tracking.FINGERPRINT_TAG)
         if stored != data.fingerprint:
             raise HPNInputError(f"--resume: the data changed since study {name!r} started "
                                 "(dataset fingerprint differs); start a new study")
         client.update_run(parent, status="RUNNING")
+        return parent
+    space, base = plan.space, plan.base
+    tags = {
+        tracking.STUDY_TAG: name, tracking.ROLE_TAG: "study",
+        tracking.SPACE_FILE_TAG: str(Path(space.path).resolve()), tracking.SAMPLER_TAG: plan.sampler,
+        tracking.SCHEDULER_TAG: plan.scheduler, tracking.FINGERPRINT_TAG: data.fingerprint,
+        tracking.SEED_TAG: str(plan.seed), tracking.REPEATS_TAG: str(plan.repeats),
+        tracking.TRIALS_TAG: str(plan.trials), tracking.MAX_CONCURRENT_TAG: str(plan.max_concurrent),
+        tracking.CPUS_PER_TRIAL_TAG: str(plan.cpus_per_trial), tracking.GPUS_PER_TRIAL_TAG: str(gpus),
+        tracking.CODE_VERSION_TAG: tracking.code_version(),
+        tracking.COMMAND_TAG: " ".join(shlex.quote(a) for a in sys.argv),
+        tracking.BASE_CONFIG_TAG: json.dumps(base.to_dict()),
+        tracking.OPTUNA_STUDY_TAG: name,
+        "mlflow.note.content": space.summary,
+    }
+    if plan.optuna_storage:
+        tags[tracking.OPTUNA_STORAGE_TAG] = optuna_store.redact(plan.optuna_storage)
+    parent = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    # Only what the study fixed: a searched key's default would read as the study's value.
+    # The best trial's values are added as `best.<key>` when the study finishes.
+    searched = set(space.keys())
+    client.log_batch(parent, params=[Param(k, str(v)) for k, v in sorted(base.to_flat().items())
+                                     if k not in searched])
+    client.log_artifact(parent, str(space.path), "space")
+    return parent
 
+
+def _run_leg(client: Any, experiment_id: str, parent: str, name: str, tracking_uri: str,
+             storage: str, plan: StudyPlan, legs: list[Leg], leg: Leg, resume: bool,
+             gpus: float, data: Any, opts: StudyOptions, session_started: float,
+             total: int) -> None:
+    """Run (or restore) one Ray experiment of the study. On an exception the parent run
+    is closed as KILLED (Ctrl-C) or FAILED, with this session's wall time."""
+    from tuning import ray_tune
+    from tuning.samplers import is_multi_objective, make_sampler
+
+    multi = is_multi_objective(plan.sampler)
+    index = legs.index(leg)
+    # Each extension gets its own sampler seed: a seeded random sampler would otherwise
+    # propose the first experiment's configs again.
+    sampler = make_sampler(plan.sampler, plan.seed + index, plan.space)
     memory_metric = M.PEAK_VRAM_MB if gpus > 0 else M.PEAK_RSS_MB
-    ctx = ray_tune.StudyContext(name, tracking_uri, experiment_id, parent, base.to_dict(), gpus,
-                                tuple(space.keys()))
+    ctx = ray_tune.StudyContext(name, tracking_uri, experiment_id, parent, plan.base.to_dict(),
+                                gpus, tuple(plan.space.keys()),
+                                trial_offset=sum(x.trials for x in legs[:index]) * plan.repeats)
     settings = ray_tune.TuneSettings(
-        trials=trials, max_concurrent=plan.max_concurrent, cpus_per_trial=plan.cpus_per_trial,
-        gpus_per_trial=gpus, scheduler=scheduler, storage_path=storage,
+        trials=leg.trials, max_concurrent=plan.max_concurrent, cpus_per_trial=plan.cpus_per_trial,
+        gpus_per_trial=gpus, scheduler=plan.scheduler, storage_path=storage,
         metric=[M.VAL_ACCURACY, memory_metric] if multi else M.VAL_ACCURACY,
-        mode=["max", "min"] if multi else "max", epochs=base.train.epochs, repeats=plan.repeats,
+        mode=["max", "min"] if multi else "max", epochs=plan.base.train.epochs,
+        repeats=plan.repeats, experiment=leg.name, optuna_storage=plan.optuna_storage,
+        optuna_study=name,
     )
+    from tuning.progress import StudyProgress, resumed
+
+    # The live line starts from what Ray saved as finished (a trial finished in MLflow but
+    # not yet saved by Ray is replayed, and counted when it finishes again).
+    finished = {t for t, s in _all_statuses(storage, legs).items() if s in ("TERMINATED", "ERROR")}
+    start = resumed((r.data.tags.get(STATE_TAG), r.data.metrics.get(M.VAL_ACCURACY), r.info.run_name)
+                    for r in trial_runs(client, experiment_id, parent)
+                    if r.data.tags.get(TRIAL_ID_TAG) in finished)
+    progress = ray_tune.ProgressCallback(
+        StudyProgress(name, total, concurrency=plan.max_concurrent, verbose=opts.verbose,
+                      enabled=opts.progress, **start),
+        trial_offset=ctx.trial_offset)
     try:
-        ray_tune.run_tuner(space.define_by_run(), sampler, data, ctx, settings, opts.resume)
+        ray_tune.run_tuner(plan.space.define_by_run(), sampler, data, ctx, settings, resume,
+                           progress)
     except BaseException as exc:
+        progress.close()  # Tune closes it when the experiment ends, not when fit() raises
         _log_wall(client, parent, session_started)
         client.set_terminated(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
-    statuses = ray_tune.trial_statuses(exp_path)
-    _mark_lost_trials(client, experiment_id, parent, set(statuses))
-    finished = sum(s in ("TERMINATED", "ERROR") for s in statuses.values())
-    if finished < trials * plan.repeats:  # Ray's fit() returns normally after a Ctrl-C
-        _log_wall(client, parent, session_started)
-        client.set_terminated(parent, "KILLED")
-        raise StudyInterrupted(
-            f"study {name!r} stopped with {finished} of {trials * plan.repeats} trials finished; "
-            f"continue it with: {resume_command(opts, name)}")
+    finally:
+        if plan.optuna_storage:
+            optuna_store.mark_orphans(optuna_store.open_storage(plan.optuna_storage), name,
+                                      set(_all_statuses(storage, legs)))
+
+
+def _finished(statuses: dict[str, str]) -> int:
+    return sum(s in ("TERMINATED", "ERROR") for s in statuses.values())
+
+
+def _all_statuses(storage: str, legs: list[Leg]) -> dict[str, str]:
+    """{trial id: Ray status} over the study's Ray experiments that have saved state."""
+    from tuning import ray_tune
+
+    statuses: dict[str, str] = {}
+    for leg in legs:
+        path = ray_tune.experiment_path(storage, leg.name)
+        if ray_tune.can_restore(path):
+            statuses.update(ray_tune.trial_statuses(path))
+    return statuses
+
+
+def _finish(client: Any, experiment_id: str, parent: str, name: str, plan: StudyPlan, data: Any,
+            tracking_uri: str, opts: StudyOptions, session_started: float) -> dict[str, Any]:
+    """Pick the best config, write the reports, close the parent run, register the best."""
+    from tuning.report import best_config
+    from tuning.samplers import is_multi_objective
 
     trials_df = trials_frame(client, experiment_id, parent)
     best = best_config(trials_df, M.VAL_ACCURACY)
-    _write_reports(client, parent, trials_df, space, base, data, best, tracking_uri,
-                   memory_metric if multi else None)
+    gpus = float(client.get_run(parent).data.tags.get(tracking.GPUS_PER_TRIAL_TAG, "0") or 0)
+    memory_metric = (M.PEAK_VRAM_MB if gpus > 0 else M.PEAK_RSS_MB) \
+        if is_multi_objective(plan.sampler) else None
+    optuna_study = None
+    if plan.optuna_storage:
+        optuna_study = optuna_store.load_study(optuna_store.open_storage(plan.optuna_storage), name)
+    _write_reports(client, parent, trials_df, plan.space, plan.base, data, best, tracking_uri,
+                   memory_metric, optuna_study)
     wall = _log_wall(client, parent, session_started)
     states = trials_df["state"].value_counts().to_dict() if not trials_df.empty else {}
     summary: dict[str, Any] = {
         "study": name,
         "experiment": opts.experiment,
         "tracking_uri": tracking_uri,
+        "optuna_storage": optuna_store.redact(plan.optuna_storage) if plan.optuna_storage else None,
         "parent_run_id": parent,
         "seed": plan.seed,
         "repeats": plan.repeats,
+        "trials": plan.trials,
         "trials_completed": int(states.get("completed", 0)),
         "trials_pruned": int(states.get("pruned", 0)),
         "trials_errored": int(states.get("error", 0)),
@@ -393,7 +584,7 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
         "best_run_id": None,
     }
     if best is not None:
-        searched = [f"params.{k}" for k in space.keys()]
+        searched = [f"params.{k}" for k in plan.space.keys()]
         summary.update({
             "best_config": {k[len("params."):]: _plain(best.run[k]) for k in searched
                             if k in best.run.index and not pd.isna(best.run[k])},
@@ -402,6 +593,7 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
             "best_test_accuracy": best.test_mean,
             "best_run_id": best.run["run_id"],
         })
+        _log_best_params(client, parent, summary["best_config"])
         client.log_metric(parent, "best_val_accuracy", summary["best_val_accuracy"])
         client.log_metric(parent, "best_test_accuracy", summary["best_test_accuracy"])
         client.set_tag(parent, tracking.BEST_RUN_TAG, best.run["run_id"])
@@ -413,6 +605,24 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
 
         summary["registered_version"] = register_run(client, best.run["run_id"], opts.model_name)
     return summary
+
+
+def _log_best_params(client: Any, parent: str, best: dict[str, Any]) -> None:
+    """The best config's values as `best.<key>` params of the parent run. MLflow params
+    cannot change, so when an extension finds a better config the new values go to
+    `best.<key>` tags (mutable) and the `hpn.best_run_id` tag names the new best trial."""
+    from mlflow.exceptions import MlflowException
+
+    params = {f"best.{k}": str(v) for k, v in best.items()}
+    logged = client.get_run(parent).data.params
+    if all(logged.get(k, v) == v for k, v in params.items()):
+        client.log_batch(parent, params=[Param(k, v) for k, v in params.items() if k not in logged])
+        return
+    try:
+        client.log_batch(parent, params=[Param(k, v) for k, v in params.items() if k not in logged])
+    except MlflowException:
+        pass  # some key already logged with another value: the tags below hold the current best
+    client.log_batch(parent, tags=[RunTag(k, v) for k, v in params.items()])
 
 
 def _log_wall(client: Any, parent: str, session_started: float) -> float:
@@ -431,17 +641,20 @@ def resume_command(opts: StudyOptions, name: str) -> str:
     words = ["hpn-tune", "run", "--name", name, "--resume"]
     for flag, value in (("--tracking-uri", opts.tracking_uri),
                         ("--experiment", None if opts.experiment == DEFAULT_EXPERIMENT else opts.experiment),
-                        ("--storage-path", opts.storage_path), ("--address", opts.address)):
+                        ("--storage-path", opts.storage_path),
+                        ("--optuna-storage", opts.optuna_storage), ("--address", opts.address)):
         if value:
             words += [flag, value]
     return " ".join(shlex.quote(w) for w in words)
 
 
 def _write_reports(client: Any, parent: str, trials_df: pd.DataFrame, space: Any, base: Any,
-                   data: Any, best: Any, tracking_uri: str, memory_metric: str | None) -> None:
-    """The study report (report/), the seed project's outputs (report/seed/) and the
-    resolved config, as artifacts of the parent run."""
-    from tuning.report import write_study_report
+                   data: Any, best: Any, tracking_uri: str, memory_metric: str | None,
+                   optuna_study: Any) -> None:
+    """The study report (report/: Optuna's plots of the study, our heatmap and edge report,
+    plots.json saying which plot was skipped and why), the seed project's outputs
+    (report/seed/) and the resolved config, as artifacts of the parent run."""
+    from tuning.report import write_optuna_plots, write_study_report
     from tuning.seed_report import write_seed_report
 
     searched = [f"params.{k}" for k in space.keys()]
@@ -450,11 +663,15 @@ def _write_reports(client: Any, parent: str, trials_df: pd.DataFrame, space: Any
     if best is not None:
         try:
             tsne = _best_model_tsne(best.run["run_id"], data, tracking_uri)
-        except Exception as exc:  # noqa: BLE001 (a picture must not fail a finished study)
+        except Exception as exc:  # a picture must not fail a finished study
             warnings.warn(f"t-SNE of the best model skipped: {type(exc).__name__}: {exc}",
                           stacklevel=1)
     with tempfile.TemporaryDirectory() as tmp:
-        write_study_report(plotted, tmp, M.VAL_ACCURACY, memory_metric, _searched_ranges(space))
+        write_study_report(plotted, tmp, M.VAL_ACCURACY, _searched_ranges(space))
+        if optuna_study is not None:  # None: a study from before the Optuna storage
+            plots = write_optuna_plots(optuna_study, tmp, M.VAL_ACCURACY,
+                                       [M.VAL_ACCURACY, memory_metric] if memory_metric else None)
+            (Path(tmp) / "plots.json").write_text(json.dumps(plots, indent=2))
         write_seed_report(trials_df, space.keys(), Path(tmp) / "seed", tsne)
         client.log_artifacts(parent, tmp, "report")
         (Path(tmp) / "base_config.yaml").write_text(yaml.safe_dump(base.to_dict(), sort_keys=False))

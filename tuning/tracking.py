@@ -5,16 +5,22 @@ trials log from Ray actors, possibly on other nodes, where no active run exists.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from hpn.errors import HPNInputError
+
+if TYPE_CHECKING:
+    from hpn.config import DataConfig
+    from hpn.train import PreparedData
 
 TRIAL_ID_TAG = "hpn.trial_id"
 STUDY_TAG = "hpn.study"
@@ -46,12 +52,29 @@ TRIALS_TAG = "hpn.trials"
 MAX_CONCURRENT_TAG = "hpn.max_concurrent"
 CPUS_PER_TRIAL_TAG = "hpn.cpus_per_trial"
 GPUS_PER_TRIAL_TAG = "hpn.gpus_per_trial"
+# The study's Optuna trials (tuning.optuna_store): storage URL without password, study name.
+OPTUNA_STORAGE_TAG = "hpn.optuna_storage"
+OPTUNA_STUDY_TAG = "hpn.optuna_study"
+OPTUNA_TRIAL_TAG = "hpn.optuna_trial"  # on a trial run: its Optuna trial number
+# Ray experiments of the study, in order, as JSON [{"name": ..., "trials": ...}]: the first is
+# the study's name; `--resume --trials N` beyond the recorded count adds one (`<study>-x2`, ...).
+RAY_EXPERIMENTS_TAG = "hpn.ray_experiments"
 WALL_METRIC = "study_wall_s"  # the study's own wall time, summed over its sessions
 # Where a trial ran. The hostname alone cannot tell apart two Ray nodes on one machine (or
 # two containers sharing a host name), so the Ray node id and node IP go beside it.
 NODE_TAG = "hpn.node"
 RAY_NODE_ID_TAG = "hpn.ray_node_id"
 NODE_IP_TAG = "hpn.node_ip"
+# MLflow 3's UI opens an experiment on its GenAI pages unless the experiment says it is for
+# model training (the UI's own "experiment type" switch writes this tag).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+# The corpus as an MLflow dataset input (`log_dataset`): on the study's run and on each trial's.
+DATASET_CONTEXT_TAG = "mlflow.data.context"
+STUDY_DATASET_CONTEXT, TRIAL_DATASET_CONTEXT = "tuning", "training"
+#: MLflow keeps at most 36 characters of a dataset digest: the fingerprint's first 32 hex
+#: digits (128 bits) are the digest, the whole fingerprint is in the dataset's profile.
+DATASET_DIGEST_CHARS = 32
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -78,13 +101,16 @@ def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             raise HPNInputError(f"--experiment: {name!r} is deleted in MLflow; restore it or pick another name")
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # made before hpn-tune set it (or by hand)
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         return exp.experiment_id
     location = None
     if tracking_uri.startswith("sqlite:"):
         # A SQLite store has no artifact root of its own: keep artifacts beside the database.
         db = Path(tracking_uri[len("sqlite:///"):])
         location = (db.parent / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location,
+                                    tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
 
 
 def code_version() -> str:
@@ -103,6 +129,76 @@ def code_version() -> str:
         from importlib.metadata import version
 
         return f"hpn-tune=={version('hpn-tune')}"
+
+
+@dataclass(frozen=True)
+class CorpusDataset:
+    """The study's corpus as MLflow shows a dataset, in plain values: computed once by the
+    driver (`corpus_dataset`) and logged on the study's run and every trial's (`log_dataset`)."""
+
+    name: str  # synthetic-3000, personas.jsonl, personahub-keywords-3000
+    fingerprint: str  # PreparedData.fingerprint: sha256 of label names, texts and labels
+    source_type: str  # MLflow's: code (the generator) | local (a file) | hugging_face
+    source: dict[str, Any]  # MLflow's source JSON for that type
+    size: int
+    label_counts: dict[str, int]  # most frequent first
+    split: dict[str, int] = field(default_factory=dict)  # train / val / test sizes
+
+    @property
+    def digest(self) -> str:
+        return self.fingerprint[:DATASET_DIGEST_CHARS]
+
+
+def corpus_dataset(cfg: DataConfig, data: PreparedData) -> CorpusDataset:
+    """Name, source and profile of the corpus `prepare_data(cfg)` made (no text leaves here)."""
+    from hpn.data import label_counts
+    from hpn.data.personahub import DATASET_ID, SUBSETS
+
+    size = len(data.corpus)
+    labels = "" if cfg.labels == "column" else f"-{cfg.labels}"
+    if cfg.source == "synthetic":
+        name, kind = f"synthetic-{size}", "code"
+        source: dict[str, Any] = {"tags": {"generator": "hpn.data.synthetic_corpus",
+                                           "seed": str(cfg.seed), "noise": str(cfg.noise)}}
+    elif cfg.path:  # a file, or a local copy of PersonaHub
+        path = Path(cfg.path).expanduser().resolve()
+        name, kind, source = f"{path.name}{labels}", "local", {"uri": str(path)}
+    else:
+        name, kind = f"personahub{labels}-{size}", "hugging_face"
+        source = {"path": DATASET_ID, "config_name": SUBSETS.get(cfg.labels), "split": "train"}
+    split = {"train": len(data.split.train), "val": len(data.split.val), "test": len(data.split.test)}
+    return CorpusDataset(name, data.fingerprint, kind, source, size, label_counts(data.corpus), split)
+
+
+def dataset_input(dataset: CorpusDataset, context: str = TRIAL_DATASET_CONTEXT) -> DatasetInput:
+    """The corpus as an MLflow dataset input: its schema and profile, never its texts."""
+    from mlflow.types import ColSpec, Schema
+
+    schema = Schema([ColSpec("string", "text"), ColSpec("string", "label")])
+    profile = {"num_rows": dataset.size, "num_classes": len(dataset.label_counts),
+               "label_counts": dataset.label_counts, "split": dataset.split,
+               "fingerprint": dataset.fingerprint}
+    entity = Dataset(
+        name=dataset.name, digest=dataset.digest, source_type=dataset.source_type,
+        source=json.dumps(dataset.source), schema=json.dumps({"mlflow_colspec": schema.to_dict()}),
+        profile=json.dumps(profile),
+    )
+    return DatasetInput(entity, tags=[InputTag(DATASET_CONTEXT_TAG, context)])
+
+
+def log_dataset(client: MlflowClient, run_id: str, dataset: CorpusDataset,
+                context: str = TRIAL_DATASET_CONTEXT) -> None:
+    """Log the corpus as the run's dataset input (again on a resumed run: MLflow keeps one)."""
+    client.log_inputs(run_id, datasets=[dataset_input(dataset, context)])
+
+
+def runs_view_url(base_url: str, experiment_id: str | None) -> str:
+    """The MLflow UI's runs table of an experiment, in its model-training mode (MLflow 3
+    opens on GenAI pages otherwise); the UI's front page when there is no experiment yet."""
+    base = base_url.rstrip("/")
+    if experiment_id is None:
+        return base
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def find_study_run(client: MlflowClient, experiment_id: str, study: str) -> str | None:

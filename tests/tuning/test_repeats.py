@@ -85,9 +85,10 @@ def test_asking_for_asha_on_a_grid_or_repeated_study_is_refused(sampler, repeats
         resolve_scheduler("asha", sampler, repeats_)
 
 
-def test_each_study_draws_its_own_sampler_seed_unless_one_is_given():
+def test_each_study_draws_its_own_sampler_seed_unless_one_is_given(tmp_path):
     # One fixed default seed made short TPE, random and CMA-ES studies start from the same
     # random configs and report the same best config.
-    seeds = {_new_plan(StudyOptions(space="quick")).seed for _ in range(5)}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    seeds = {_new_plan(StudyOptions(space="quick"), uri, "s").seed for _ in range(5)}
     assert len(seeds) == 5
-    assert _new_plan(StudyOptions(space="quick", seed=7)).seed == 7
+    assert _new_plan(StudyOptions(space="quick", seed=7), uri, "s").seed == 7

@@ -129,3 +129,14 @@ def test_asha_prunes_bad_trials_and_they_keep_what_they_reached(tmp_path, cache_
         assert "hpn.error" not in run.data.tags
     names = [client.get_run(r).info.run_name for r in frame["run_id"]]
     assert sorted(names) == [f"pruning-t{i:03d}" for i in range(1, 9)]  # readable, in order
+    # The searcher saw them as pruned: Optuna's own record (beside mlflow.db) says PRUNED,
+    # with the epochs they reached as intermediate values; the rest COMPLETE.
+    import optuna
+
+    trials = {t.number: t for t in optuna.load_study(
+        study_name="pruning", storage=f"sqlite:///{tmp_path / 'optuna.db'}").get_trials()}
+    for _, row in frame.iterrows():
+        trial = trials[int(client.get_run(row["run_id"]).data.tags["hpn.optuna_trial"])]
+        assert trial.state.name == ("PRUNED" if row["state"] == "pruned" else "COMPLETE")
+        if row["state"] == "pruned":
+            assert 1 <= len(trial.intermediate_values) < 9

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.usefixtures("ray_runtime")
 
 def options(tmp_path: Path, cache_dir: str, tracking_uri: str, name: str, **kw) -> StudyOptions:
     overrides = ["data.size=600", f"encoder.cache_dir={cache_dir}"] + kw.pop("overrides", [])
+    kw.setdefault("optuna_storage", f"sqlite:///{tmp_path / 'optuna.db'}")
     return StudyOptions(
         space=kw.pop("space", "quick"), trials=kw.pop("trials", 4), overrides=overrides,
         name=name, tracking_uri=tracking_uri, storage_path=str(tmp_path / "ray"),
@@ -101,7 +102,7 @@ def test_a_killed_study_resumes_without_running_or_logging_a_trial_twice(
             "--experiment", "resume-test", "--storage-path", str(tmp_path / "ray"),
             "--address", ray_runtime, "--scheduler", "fifo", "--no-register",
             "--set", "data.size=600", "--set", f"encoder.cache_dir={cache_dir}",
-            "--set", "train.epochs=20"]
+            "--set", "train.epochs=20", "--optuna-storage", f"sqlite:///{tmp_path / 'optuna.db'}"]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     client = MlflowClient(mlflow_server)
@@ -124,6 +125,7 @@ def test_a_killed_study_resumes_without_running_or_logging_a_trial_twice(
         experiment="resume-test", storage_path=str(tmp_path / "ray"), resume=True,
         scheduler="fifo", register=False, max_concurrent=1,
         overrides=["data.size=600", f"encoder.cache_dir={cache_dir}", "train.epochs=20"],
+        optuna_storage=f"sqlite:///{tmp_path / 'optuna.db'}",
     ))
     exp_id = client.get_experiment_by_name("resume-test").experiment_id
     runs = trial_runs(client, exp_id, summary["parent_run_id"])
@@ -142,6 +144,17 @@ def test_a_killed_study_resumes_without_running_or_logging_a_trial_twice(
     assert len(set(finished) & set(by_id)) >= 1
     studies = client.search_runs([exp_id], "tags.`hpn.role` = 'study'")
     assert len(studies) == 1
+    # The Optuna storage holds every trial exactly once: each kept run has its own COMPLETE
+    # Optuna trial; a lost run's trial stays COMPLETE (a real result the sampler may use);
+    # what was asked just before the kill but never run by Ray is failed and marked so.
+    trials = _optuna_trials(f"sqlite:///{tmp_path / 'optuna.db'}", "killed")
+    numbers = [int(r.data.tags["hpn.optuna_trial"]) for r in runs]
+    assert len(numbers) == len(set(numbers))
+    states = {t.number: t.state.name for t in trials}
+    assert all(states[n] == "COMPLETE" for n in numbers)
+    assert not [t for t in trials if t.state.name == "RUNNING"]
+    extra = [t for t in trials if t.number not in numbers]
+    assert all(t.state.name == "FAIL" and "hpn_orphaned" in t.user_attrs for t in extra)
 
 
 def test_a_set_on_a_searched_key_is_refused_before_anything_starts(tmp_path, cache_dir):
@@ -212,9 +225,61 @@ def test_a_resume_flag_that_contradicts_the_recorded_study_is_refused(tmp_path, 
     assert (tags["hpn.trials"], tags["hpn.max_concurrent"], tags["hpn.cpus_per_trial"]) == \
         ("2", "2", "1.0")
     client.update_run(parent, status="KILLED")  # as if interrupted
-    for flag, kw in (("--trials", {"trials": 5}), ("--sampler", {"sampler": "random"}),
-                     ("--max-concurrent", {"max_concurrent": 1})):
+    for flag, kw in (("--sampler", {"sampler": "random"}), ("--max-concurrent", {"max_concurrent": 1})):
         opts = options(tmp_path, cache_dir, uri, "recorded", resume=True, register=False, **{
             "trials": None, "max_concurrent": None, **kw})
         with pytest.raises(HPNInputError, match=f"{flag} .* differs from the study's"):
             run_study(opts)
+    with pytest.raises(HPNInputError, match="--trials: 1 is fewer than study 'recorded'"):
+        run_study(options(tmp_path, cache_dir, uri, "recorded", resume=True, trials=1,
+                          max_concurrent=None))
+    assert client.get_run(parent).info.status == "KILLED"  # a refusal changes nothing
+
+
+def _optuna_trials(storage: str, study: str) -> list:
+    import optuna
+
+    return optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+
+
+def test_a_finished_study_extends_to_n_trials_with_its_sampler_history(tmp_path, cache_dir):
+    from hpn.errors import HPNInputError
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    first = run_study(options(tmp_path, cache_dir, uri, "grow", trials=3, scheduler="fifo",
+                              register=False, optuna_storage=None))
+    # By default the Optuna study sits beside the MLflow store, one Optuna trial per trial.
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    assert first["optuna_storage"] == storage
+    assert [t.state.name for t in _optuna_trials(storage, "grow")] == ["COMPLETE"] * 3
+    parent = first["parent_run_id"]
+
+    # Resuming a finished study without more trials, or with fewer, is refused; it stays FINISHED.
+    for trials, message in ((None, "already finished its 3 trials; extend it with --trials N"),
+                            (2, "--trials: 2 is fewer than")):
+        with pytest.raises(HPNInputError, match=message):
+            run_study(options(tmp_path, cache_dir, uri, "grow", resume=True, trials=trials,
+                              max_concurrent=None, optuna_storage=None))
+        assert client.get_run(parent).info.status == "FINISHED"
+
+    summary = run_study(options(tmp_path, cache_dir, uri, "grow", resume=True, trials=5,
+                                max_concurrent=None, register=False, optuna_storage=None))
+    assert summary["parent_run_id"] == parent and summary["trials_completed"] == 5
+    run = client.get_run(parent)
+    assert run.info.status == "FINISHED" and run.data.tags["hpn.trials"] == "5"
+    assert json.loads(run.data.tags["hpn.ray_experiments"]) == [
+        {"name": "grow", "trials": 3}, {"name": "grow-x2", "trials": 2}]
+    # The same Optuna study went on (numbers 3 and 4, with the first three as its history).
+    trials = _optuna_trials(storage, "grow")
+    assert [t.number for t in trials] == [0, 1, 2, 3, 4]
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    runs = trial_runs(client, client.get_experiment_by_name("hpn-tune").experiment_id, parent)
+    assert sorted(r.info.run_name for r in runs) == [f"grow-t{i:03d}" for i in range(1, 6)]
+    assert sorted(int(r.data.tags["hpn.optuna_trial"]) for r in runs) == [0, 1, 2, 3, 4]
+    by_number = {t.number: t for t in trials}
+    for r in runs:  # each run and its Optuna trial: the same config, the same Ray trial
+        t = by_number[int(r.data.tags["hpn.optuna_trial"])]
+        assert t.user_attrs["ray_trial_id"] == r.data.tags[TRIAL_ID_TAG]
+        assert t.value == pytest.approx(r.data.metrics[M.VAL_ACCURACY])
+        assert float(r.data.params["train.lr"]) == pytest.approx(t.params["train.lr"])

@@ -1,0 +1,103 @@
+"""Each study's Optuna trials in an Optuna RDB storage, so Optuna's own tools can open it.
+
+Why: inside Ray the Optuna study lived in the driver's memory (pickled into Ray's state), so
+optuna-dashboard, `optuna.load_study` and Optuna's plots could not see it, and an extended
+study had no sampler history to continue from. Ray's OptunaSearch takes `storage` and
+`study_name` and calls `create_study(..., load_if_exists=True)`, so a resumed or extended study
+asks its sampler with every earlier trial in view.
+
+Default place: beside the MLflow store (`sqlite:///<dir>/optuna.db` next to `mlflow.db`, or
+next to a file store's folder); with an MLflow server, `optuna.db` in the working directory.
+On a Ray cluster the searcher runs in the driver (or, with `ray://`, on the head node), so
+give a database URL that process reaches, e.g. the PostgreSQL database beside MLflow's.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from hpn.errors import HPNInputError
+
+STORAGE_FILE = "optuna.db"
+#: Optuna trial user attribute naming the Ray trial that ran it (one Optuna trial per config;
+#: with --repeats its repeats share it).
+RAY_TRIAL_ATTR = "ray_trial_id"
+ORPHAN_ATTR = "hpn_orphaned"
+ORPHAN_REASON = ("asked by the sampler just before the study's driver was stopped; Ray never "
+                 "ran it, so it is marked failed and samplers ignore it")
+
+
+def default_storage(tracking_uri: str) -> str:
+    """The Optuna storage URL beside the study's MLflow store (see the module docstring)."""
+    if tracking_uri.startswith("sqlite:///"):
+        return f"sqlite:///{Path(tracking_uri[len('sqlite:///'):]).resolve().parent / STORAGE_FILE}"
+    if tracking_uri.startswith("file:"):
+        tracking_uri = tracking_uri[len("file://"):] if tracking_uri.startswith("file://") else tracking_uri[5:]
+    if "://" not in tracking_uri:  # a file store folder
+        return f"sqlite:///{Path(tracking_uri).resolve().parent / STORAGE_FILE}"
+    return f"sqlite:///{Path.cwd() / STORAGE_FILE}"
+
+
+def resolve_storage(url: str | None, tracking_uri: str) -> str:
+    """--optuna-storage as given (a relative SQLite path made absolute), else the default."""
+    if not url:
+        return default_storage(tracking_uri)
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        return f"sqlite:///{Path(url[len('sqlite:///'):]).resolve()}"
+    if "://" not in url:
+        raise HPNInputError(f"--optuna-storage: {url!r} is not a database URL; give e.g. "
+                            "sqlite:///optuna.db or postgresql://user@host/optuna")
+    return url
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for tags and printed lines."""
+    return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", url)
+
+
+def open_storage(url: str) -> Any:
+    """An RDBStorage on `url`; one line naming --optuna-storage when it cannot be opened."""
+    import optuna
+
+    if url.startswith("sqlite:///"):
+        folder = Path(url[len("sqlite:///"):]).parent
+        if not folder.is_dir():
+            raise HPNInputError(f"--optuna-storage: folder {str(folder)!r} does not exist")
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    except Exception as exc:  # sqlalchemy and driver errors vary by database
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise HPNInputError(f"--optuna-storage: cannot open {redact(url)} ({first})") from exc
+
+
+def study_exists(storage: Any, name: str) -> bool:
+    import optuna
+
+    return name in optuna.get_all_study_names(storage)
+
+
+def load_study(storage: Any, name: str) -> Any:
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def mark_orphans(storage: Any, name: str, known_ray_trials: set[str]) -> int:
+    """Fail the Optuna trials that no Ray trial owns: asked just before a kill, after Ray
+    last saved its state. Left RUNNING they would sit in the dashboard forever and count as
+    pending for the sampler; Ray's restored searcher never tells them. Returns how many."""
+    from optuna.trial import TrialState
+
+    if not study_exists(storage, name):
+        return 0
+    study_id = storage.get_study_id_from_name(name)
+    marked = 0
+    for trial in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get(RAY_TRIAL_ATTR) in known_ray_trials:
+            continue
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        storage.set_trial_user_attr(trial_id, ORPHAN_ATTR, ORPHAN_REASON)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        marked += 1
+    return marked
