@@ -47,7 +47,8 @@ def main() -> None:
 
     from mlflow.tracking import MlflowClient
 
-    from tuning.study import StudyOptions, run_study, trials_frame
+    from tuning.study import StudyOptions, run_study
+    from tuning.tracking import trials_frame
 
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)

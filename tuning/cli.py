@@ -179,7 +179,7 @@ def cmd_dashboard(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_ui(args: argparse.Namespace) -> dict[str, Any]:
     from tuning.serving import ui
 
-    ui(args.tracking_uri, args.port, args.host)
+    ui(args.tracking_uri, args.port, args.host, args.experiment)
     return {}
 
 
@@ -438,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("ui", cmd_ui, "open the MLflow UI for the study's tracking store")
     p.add_argument("--tracking-uri")
+    p.add_argument("--experiment", default="hpn-tune",
+                   help="experiment whose runs view is printed (default hpn-tune)")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--host", default="127.0.0.1")
     _add_study_commands(sub)

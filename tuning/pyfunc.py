@@ -1,21 +1,27 @@
 """The MLflow pyfunc of a trained HPN: raw persona text in, label and scores out.
 
-It is saved locally with `mlflow.pyfunc.save_model` and uploaded as the run's `model`
-artifact: `log_model` would load the encoder to validate the input example, seconds per
-trial that a study of hundreds of trials should not pay. `runs:/<id>/model` loads the same.
+Each trial's model is an MLflow 3 LoggedModel named `model`, made from the trial's run: its
+params, its final metrics linked to it (and to the run's dataset), so the experiment's Models
+tab lists and compares the study's models. It is saved locally with `mlflow.pyfunc.save_model`
+and uploaded to the LoggedModel: `log_model` would load the encoder to validate the input
+example, seconds per trial that a study of hundreds of trials should not pay.
+`models:/<model_id>` and `runs:/<run_id>/model` (MLflow finds a run's model by name) load it.
 """
 from __future__ import annotations
 
 import tempfile
+from contextlib import suppress
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from hpn import metrics as M
 from hpn.model import HPNClassifier
 
-MODEL_ARTIFACT = "model"
+MODEL_ARTIFACT = "model"  # the LoggedModel's name: `runs:/<run_id>/model` resolves through it
+MODEL_TYPE = "hpn-persona-classifier"
 TEXT_COLUMN = "text"
 INPUT_EXAMPLE = [
     "A pediatric nurse who volunteers at a rural clinic and follows telemedicine research.",
@@ -79,8 +85,9 @@ def signature_for(label_names: list[str]) -> Any:
     return ModelSignature(inputs=Schema([ColSpec("string", TEXT_COLUMN)]), outputs=Schema(outputs))
 
 
-def save_pyfunc(model: HPNClassifier, path: str | Path) -> Path:
-    """Write an MLflow pyfunc directory for `model` at `path` (which must not exist)."""
+def save_pyfunc(model: HPNClassifier, path: str | Path, mlflow_model: Any = None) -> Path:
+    """Write an MLflow pyfunc directory for `model` at `path` (which must not exist);
+    `mlflow_model` (an `mlflow.models.Model`) carries the ids of the LoggedModel it is for."""
     import mlflow.pyfunc
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,15 +97,105 @@ def save_pyfunc(model: HPNClassifier, path: str | Path) -> Path:
             python_model=HPNPyfunc(),
             artifacts={"hpn": str(weights)},
             signature=signature_for(model.label_names),
-            input_example=pd.DataFrame({TEXT_COLUMN: INPUT_EXAMPLE}),
+            input_example=pd.DataFrame({TEXT_COLUMN: INPUT_EXAMPLE}),  # saved, not run
             pip_requirements=_requirements(),
+            mlflow_model=mlflow_model,
         )
     return Path(path)
 
 
 def log_pyfunc(client: Any, run_id: str, model: HPNClassifier) -> str:
-    """Upload the pyfunc as the run's `model` artifact; returns its `runs:/` URI."""
-    with tempfile.TemporaryDirectory() as tmp:
-        local = save_pyfunc(model, Path(tmp) / MODEL_ARTIFACT)
-        client.log_artifacts(run_id, str(local), MODEL_ARTIFACT)
-    return f"runs:/{run_id}/{MODEL_ARTIFACT}"
+    """Log `model` as the run's LoggedModel `model`, after the run's params and final metrics
+    are logged (the model takes them over); returns its `models:/<model_id>` URI."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model
+
+    from tuning.tracking import NOTE_TAG, STUDY_TAG, TRIAL_ID_TAG
+
+    run = client.get_run(run_id)
+    tags = {k: run.data.tags[k] for k in (STUDY_TAG, TRIAL_ID_TAG) if k in run.data.tags}
+    tags[NOTE_TAG] = _description(run)  # the model's description in the UI
+    logged = client.create_logged_model(
+        run.info.experiment_id, name=MODEL_ARTIFACT, source_run_id=run_id, tags=tags,
+        params=dict(run.data.params), model_type=MODEL_TYPE)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            ids = Model(artifact_path=logged.artifact_location, run_id=run_id,
+                        model_id=logged.model_id, model_uuid=logged.model_id)
+            local = save_pyfunc(model, Path(tmp) / MODEL_ARTIFACT, ids)
+            client.log_model_artifacts(logged.model_id, str(local))
+        step = _link_metrics(client, run, logged.model_id)
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step)])
+    except BaseException:
+        with suppress(Exception):  # the original error is the one to see
+            client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    return f"models:/{logged.model_id}"
+
+
+def _description(run: Any) -> str:
+    from tuning.tracking import STUDY_TAG
+
+    scores = ", ".join(f"{k} {run.data.metrics[k]:.4f}" for k in (M.VAL_ACCURACY, M.TEST_ACCURACY)
+                       if k in run.data.metrics)
+    datasets = run.inputs.dataset_inputs if run.inputs else []
+    on = f" on `{datasets[0].dataset.name}`" if datasets else ""
+    return (f"HPN persona classifier from trial run `{run.info.run_name}` of study "
+            f"`{run.data.tags.get(STUDY_TAG, '?')}`: {scores or 'no metrics'}{on}. "
+            f"Load it as `runs:/{run.info.run_id}/{MODEL_ARTIFACT}`.")
+
+
+def _link_metrics(client: Any, run: Any, model_id: str) -> int:
+    """Log each metric's last value again with the model's id (and the run's dataset, when it
+    has one), so the model carries the run's final metrics, the headline ones first; returns
+    their step. The same key, value, timestamp and step are one point to MLflow: no metric
+    history grows."""
+    from mlflow.entities import Metric
+
+    datasets = run.inputs.dataset_inputs if run.inputs else []
+    dataset = datasets[0].dataset if len(datasets) == 1 else None
+    first = (M.VAL_ACCURACY, M.TEST_ACCURACY, M.TEST_MACRO_F1, M.VAL_LOSS)
+    keys = [k for k in first if k in run.data.metrics] + [k for k in run.data.metrics if k not in first]
+    linked = []
+    for key in keys:
+        last = max(client.get_metric_history(run.info.run_id, key), key=lambda m: (m.step, m.timestamp))
+        linked.append(Metric(key, last.value, last.timestamp, last.step, model_id=model_id,
+                             dataset_name=dataset.name if dataset else None,
+                             dataset_digest=dataset.digest if dataset else None,
+                             run_id=run.info.run_id))
+    if linked:
+        client.log_batch(run.info.run_id, metrics=linked)
+    return max((m.step for m in linked), default=0)
+
+
+def run_model(client: Any, run_id: str) -> Any | None:
+    """The LoggedModel a trial's run logged (the last, if a resumed trial logged two), or None:
+    a run logged before LoggedModels holds its model as the run's `model` artifact."""
+    run = client.get_run(run_id)
+    outputs = run.outputs.model_outputs if run.outputs else []
+    if not outputs:
+        return None
+    models = [client.get_logged_model(o.model_id) for o in outputs]
+    return max(models, key=lambda m: m.creation_timestamp)
+
+
+def model_artifact_uri(client: Any, run_id: str) -> str:
+    """Where the run's pyfunc directory lies. Its LoggedModel's own location, not
+    `runs:/<id>/model`: MLflow resolves that (and `models:/<model_id>`) through the process's
+    global tracking URI, not the client's, so it fails (or opens ./mlflow.db) in a process
+    that never called `mlflow.set_tracking_uri`, like a study's driver."""
+    logged = run_model(client, run_id)
+    if logged is not None:
+        return logged.artifact_location
+    return f"{client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
+
+
+def download_hpn(client: Any, run_id: str, dst_path: str | Path) -> Path:
+    """The run's HPN weights directory (safetensors and meta, no pickle), downloaded."""
+    import mlflow.artifacts
+
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"{model_artifact_uri(client, run_id)}/artifacts/hpn", dst_path=str(dst_path),
+        tracking_uri=client.tracking_uri)
+    return Path(local)

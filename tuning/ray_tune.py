@@ -33,9 +33,10 @@ from tuning.tracking import (
     OPTUNA_TRIAL_TAG,
     RAY_NODE_ID_TAG,
     REPEAT_TAG,
-    STATE_TAG,
+    CorpusDataset,
     TrialRun,
-    close_trial_run,
+    close_unclosed_trial_run,
+    log_dataset,
 )
 
 DONE_KEY = "hpn_finished"  # set only on the last report of a trial that trained to the end
@@ -55,6 +56,7 @@ class StudyContext:
     searched_keys: tuple[str, ...]  # the rest of Tune's config is the space's constants,
     # already in base_config with --set applied on top
     trial_offset: int = 0  # trials of the study's earlier Ray experiments (an extended study)
+    dataset: CorpusDataset | None = None  # the corpus as an MLflow dataset input
 
 
 GROUP_KEY = "__config_group__"  # the first trial id of a config's repeats
@@ -75,9 +77,20 @@ class StudySearch(OptunaSearch):
             config[OPTUNA_TRIAL_KEY] = ot_trial.number
         return config
 
+    def _told(self, trial_id: str) -> bool:
+        """Whether the study's storage already holds this trial as finished: a trial that
+        finished after Ray last saved its state is run again on resume (it replays its MLflow
+        record), and Optuna refuses to update a finished trial."""
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or self._storage is None:
+            return False
+        return self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished()
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         import warnings
 
+        if self._told(trial_id):
+            return
         with warnings.catch_warnings():
             # A trial restarted by a resume reports its first epochs again; Optuna keeps the
             # first report of each step and warns about the repeat, which says nothing.
@@ -86,6 +99,9 @@ class StudySearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
+        if self._told(trial_id):
+            self._completed_trials.add(trial_id)
+            return
         # Tune ends a trial that ASHA stopped with its last epoch's result, which OptunaSearch
         # would tell as COMPLETE: tell it as PRUNED (its epochs are already reported as
         # intermediate values). A trial's own results carry the epoch; a Repeater's mean
@@ -179,6 +195,10 @@ def trial_fn(config: dict[str, Any], data: PreparedData, ctx: StudyContext) -> N
         # MLflow run is the record, so replay it instead of training again.
         tune.report({**run.finished_metrics, DONE_KEY: True})
         return
+    if ctx.dataset is not None:
+        # Before training: the run shows its corpus while it trains, and log_pyfunc links
+        # the final metrics to it.
+        log_dataset(run.client, run.run_id, ctx.dataset)
     started = time.time()
     pending: list[dict[str, float]] = []
     trained = [0]  # epochs done, for the reason a stopped trial gives
@@ -247,19 +267,8 @@ class FinalizeTrialRuns(tune.Callback):
         self.ctx = ctx
 
     def _close(self, trial: Any, state: str, reason: str | None = None) -> None:
-        from mlflow.tracking import MlflowClient
-
-        from tuning.tracking import PARENT_TAG, TRIAL_ID_TAG
-
-        client = MlflowClient(self.ctx.tracking_uri)
-        runs = client.search_runs(
-            [self.ctx.experiment_id],
-            f"tags.`{PARENT_TAG}` = '{self.ctx.parent_run_id}' AND tags.`{TRIAL_ID_TAG}` = '{trial.trial_id}'",
-            max_results=1,
-        )
-        if not runs or runs[0].data.tags.get(STATE_TAG):
-            return
-        close_trial_run(client, runs[0].info.run_id, state, reason)
+        close_unclosed_trial_run(self.ctx.tracking_uri, self.ctx.experiment_id,
+                                 self.ctx.parent_run_id, trial.trial_id, state, reason)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if not (trial.last_result or {}).get(DONE_KEY):

@@ -84,9 +84,17 @@ def serve(model_uri: str, port: int, tracking_uri: str | None, host: str = "127.
     os.execvpe(sys.executable, serve_command(model_uri, port, host), env)
 
 
-def ui(tracking_uri: str | None, port: int, host: str = "127.0.0.1") -> None:
+def ui(tracking_uri: str | None, port: int, host: str = "127.0.0.1",
+       experiment: str = "hpn-tune") -> None:
+    """`mlflow ui` on the store, printing the page of the experiment's runs (in the UI's model
+    training mode; MLflow 3 opens on GenAI pages otherwise), or the front page before the
+    first study made the experiment."""
+    from tuning.tracking import experiment_id_if_any, runs_view_url
+
     uri = resolve_tracking_uri(tracking_uri)
-    print(f"MLflow UI for {uri} at http://{host}:{port}", flush=True)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # where a browser here finds it
+    url = runs_view_url(f"http://{shown}:{port}", experiment_id_if_any(uri, experiment))
+    print(f"MLflow UI for {uri} at {url}", flush=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
            "--host", host, "--port", str(port)]
     os.execvp(sys.executable, cmd)

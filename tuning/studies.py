@@ -25,7 +25,7 @@ from hpn import metrics as M
 from hpn.errors import HPNInputError
 from tuning import tracking
 from tuning.report import best_config
-from tuning.study import trials_frame
+from tuning.tracking import trials_frame
 
 #: The parent run's MLflow status in words: a study stopped by Ctrl-C or a killed driver is
 #: KILLED in MLflow, which users know as interrupted (and can resume).

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
-from mlflow.entities import Param, RunTag
 
 from hpn import metrics as M
 from hpn.config import load_config, parse_override
@@ -27,7 +26,7 @@ from hpn.errors import HPNInputError
 from hpn.train import prepare_data
 from tuning import optuna_store, tracking
 from tuning.spaces import load_space, resolve_space_path
-from tuning.tracking import CONFIG_GROUP_TAG, REPEAT_TAG, STATE_TAG, TRIAL_ID_TAG, trial_runs
+from tuning.tracking import STATE_TAG, TRIAL_ID_TAG, trial_runs
 
 DEFAULT_EXPERIMENT = "hpn-tune"
 SCHEDULERS = ("asha", "fifo")
@@ -81,48 +80,6 @@ def _check(opts: StudyOptions) -> None:
         raise HPNInputError(f"--seed: must be between 0 and 2**32 - 1, got {opts.seed}")
     if opts.resume and not opts.name:
         raise HPNInputError("--resume: needs --name of the study to resume")
-
-
-def trials_frame(client: Any, experiment_id: str, parent_run_id: str) -> pd.DataFrame:
-    """One row per trial child run: params.<key>, metrics, state, order."""
-    rows: list[dict[str, Any]] = []
-    for run in trial_runs(client, experiment_id, parent_run_id):
-        tags = run.data.tags
-        row: dict[str, Any] = {
-            "trial_id": tags.get(TRIAL_ID_TAG),
-            "run_id": run.info.run_id,
-            "run_name": run.info.run_name,  # <study>-t007
-            "state": tags.get(STATE_TAG, "running"),
-            "start_time": run.info.start_time,
-            # a study from before --repeats: every trial is its own config
-            "config_group": tags.get(CONFIG_GROUP_TAG, tags.get(TRIAL_ID_TAG)),
-            "repeat": int(tags.get(REPEAT_TAG, 0)),
-        }
-        row.update({f"params.{k}": v for k, v in run.data.params.items()})
-        row.update(run.data.metrics)
-        rows.append(row)
-    frame = pd.DataFrame(rows)
-    if frame.empty:
-        return frame
-    for col in frame.columns:
-        if col.startswith("params."):
-            converted = pd.to_numeric(frame[col], errors="coerce")
-            if converted.notna().all():
-                frame[col] = converted
-    frame = frame.sort_values("start_time").reset_index(drop=True)
-    frame["order"] = np.arange(len(frame))
-    return frame
-
-
-def _mark_lost_trials(client: Any, experiment_id: str, parent: str, known: set[str]) -> None:
-    """Child runs of trials that Ray's saved state does not hold (the driver was killed
-    after they finished but before Ray saved): kept, but tagged `lost` so no trial counts
-    twice and reports skip them."""
-    for run in trial_runs(client, experiment_id, parent):
-        if run.data.tags.get(TRIAL_ID_TAG) not in known and run.data.tags.get(STATE_TAG) != "lost":
-            client.set_tag(run.info.run_id, STATE_TAG, "lost")
-            if run.info.status == "RUNNING":
-                client.set_terminated(run.info.run_id, "KILLED")
 
 
 def _searched_ranges(space: Any) -> dict[str, tuple[float, float]]:
@@ -398,11 +355,11 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
             break  # interrupted (Ctrl-C): no extension starts after it
 
     statuses = _all_statuses(storage, legs)
-    _mark_lost_trials(client, experiment_id, parent, set(statuses))
+    tracking.mark_lost_trials(client, experiment_id, parent, set(statuses))
     wanted = sum(leg.trials for leg in legs) * plan.repeats
     finished = _finished(statuses)
     if finished < wanted:  # Ray's fit() returns normally after a Ctrl-C
-        _log_wall(client, parent, session_started)
+        tracking.log_study_wall(client, parent, session_started)
         client.set_terminated(parent, "KILLED")
         raise StudyInterrupted(
             f"study {name!r} stopped with {finished} of {wanted} trials finished; "
@@ -470,13 +427,12 @@ def _open_parent(client: Any, experiment_id: str, parent: str | None, name: str,
     }
     if plan.optuna_storage:
         tags[tracking.OPTUNA_STORAGE_TAG] = optuna_store.redact(plan.optuna_storage)
-    parent = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
-    # Only what the study fixed: a searched key's default would read as the study's value.
-    # The best trial's values are added as `best.<key>` when the study finishes.
-    searched = set(space.keys())
-    client.log_batch(parent, params=[Param(k, str(v)) for k, v in sorted(base.to_flat().items())
-                                     if k not in searched])
-    client.log_artifact(parent, str(space.path), "space")
+    parent = tracking.create_study_run(
+        client, experiment_id, name, tags,
+        # Only what the study fixed: a searched key's default would read as the study's value.
+        {k: v for k, v in base.to_flat().items() if k not in set(space.keys())}, space.path)
+    tracking.log_dataset(client, parent, tracking.corpus_dataset(base.data, data),
+                         tracking.STUDY_DATASET_CONTEXT)
     return parent
 
 
@@ -497,7 +453,8 @@ def _run_leg(client: Any, experiment_id: str, parent: str, name: str, tracking_u
     memory_metric = M.PEAK_VRAM_MB if gpus > 0 else M.PEAK_RSS_MB
     ctx = ray_tune.StudyContext(name, tracking_uri, experiment_id, parent, plan.base.to_dict(),
                                 gpus, tuple(plan.space.keys()),
-                                trial_offset=sum(x.trials for x in legs[:index]) * plan.repeats)
+                                trial_offset=sum(x.trials for x in legs[:index]) * plan.repeats,
+                                dataset=tracking.corpus_dataset(plan.base.data, data))
     settings = ray_tune.TuneSettings(
         trials=leg.trials, max_concurrent=plan.max_concurrent, cpus_per_trial=plan.cpus_per_trial,
         gpus_per_trial=gpus, scheduler=plan.scheduler, storage_path=storage,
@@ -523,7 +480,7 @@ def _run_leg(client: Any, experiment_id: str, parent: str, name: str, tracking_u
                            progress)
     except BaseException as exc:
         progress.close()  # Tune closes it when the experiment ends, not when fit() raises
-        _log_wall(client, parent, session_started)
+        tracking.log_study_wall(client, parent, session_started)
         client.set_terminated(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     finally:
@@ -554,7 +511,7 @@ def _finish(client: Any, experiment_id: str, parent: str, name: str, plan: Study
     from tuning.report import best_config
     from tuning.samplers import is_multi_objective
 
-    trials_df = trials_frame(client, experiment_id, parent)
+    trials_df = tracking.trials_frame(client, experiment_id, parent)
     best = best_config(trials_df, M.VAL_ACCURACY)
     gpus = float(client.get_run(parent).data.tags.get(tracking.GPUS_PER_TRIAL_TAG, "0") or 0)
     memory_metric = (M.PEAK_VRAM_MB if gpus > 0 else M.PEAK_RSS_MB) \
@@ -564,7 +521,7 @@ def _finish(client: Any, experiment_id: str, parent: str, name: str, plan: Study
         optuna_study = optuna_store.load_study(optuna_store.open_storage(plan.optuna_storage), name)
     _write_reports(client, parent, trials_df, plan.space, plan.base, data, best, tracking_uri,
                    memory_metric, optuna_study)
-    wall = _log_wall(client, parent, session_started)
+    wall = tracking.log_study_wall(client, parent, session_started)
     states = trials_df["state"].value_counts().to_dict() if not trials_df.empty else {}
     summary: dict[str, Any] = {
         "study": name,
@@ -593,7 +550,7 @@ def _finish(client: Any, experiment_id: str, parent: str, name: str, plan: Study
             "best_test_accuracy": best.test_mean,
             "best_run_id": best.run["run_id"],
         })
-        _log_best_params(client, parent, summary["best_config"])
+        tracking.log_best_params(client, parent, summary["best_config"])
         client.log_metric(parent, "best_val_accuracy", summary["best_val_accuracy"])
         client.log_metric(parent, "best_test_accuracy", summary["best_test_accuracy"])
         client.set_tag(parent, tracking.BEST_RUN_TAG, best.run["run_id"])
@@ -605,34 +562,6 @@ def _finish(client: Any, experiment_id: str, parent: str, name: str, plan: Study
 
         summary["registered_version"] = register_run(client, best.run["run_id"], opts.model_name)
     return summary
-
-
-def _log_best_params(client: Any, parent: str, best: dict[str, Any]) -> None:
-    """The best config's values as `best.<key>` params of the parent run. MLflow params
-    cannot change, so when an extension finds a better config the new values go to
-    `best.<key>` tags (mutable) and the `hpn.best_run_id` tag names the new best trial."""
-    from mlflow.exceptions import MlflowException
-
-    params = {f"best.{k}": str(v) for k, v in best.items()}
-    logged = client.get_run(parent).data.params
-    if all(logged.get(k, v) == v for k, v in params.items()):
-        client.log_batch(parent, params=[Param(k, v) for k, v in params.items() if k not in logged])
-        return
-    try:
-        client.log_batch(parent, params=[Param(k, v) for k, v in params.items() if k not in logged])
-    except MlflowException:
-        pass  # some key already logged with another value: the tags below hold the current best
-    client.log_batch(parent, tags=[RunTag(k, v) for k, v in params.items()])
-
-
-def _log_wall(client: Any, parent: str, session_started: float) -> float:
-    """Add this session's wall time (encode, trials, report) to the study's own, which a
-    resumed study carries across its interruptions; returns the study's total."""
-    history = client.get_metric_history(parent, tracking.WALL_METRIC)
-    before = max((m.value for m in history), default=0.0)
-    total = before + time.time() - session_started
-    client.log_metric(parent, tracking.WALL_METRIC, total, step=len(history))
-    return total
 
 
 def resume_command(opts: StudyOptions, name: str) -> str:
@@ -663,7 +592,7 @@ def _write_reports(client: Any, parent: str, trials_df: pd.DataFrame, space: Any
     if best is not None:
         try:
             tsne = _best_model_tsne(best.run["run_id"], data, tracking_uri)
-        except Exception as exc:  # a picture must not fail a finished study
+        except Exception as exc:  # noqa: BLE001 (a picture must not fail a finished study)
             warnings.warn(f"t-SNE of the best model skipped: {type(exc).__name__}: {exc}",
                           stacklevel=1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -682,21 +611,18 @@ def _best_model_tsne(run_id: str, data: Any, tracking_uri: str) -> Any:
     """t-SNE of the best model's test embeddings and prototypes, from its logged weights (the
     safetensors file, no pickle) and the study's cached embeddings; None when the encoder was
     fine-tuned (no cached embeddings to project)."""
-    import mlflow
     import torch
+    from mlflow.tracking import MlflowClient
 
     from hpn.model import HPNClassifier
-    from tuning.pyfunc import MODEL_ARTIFACT
+    from tuning.pyfunc import download_hpn
     from tuning.seed_report import tsne_data
 
     if data.features is None:
         return None
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file
     with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=f"{MODEL_ARTIFACT}/artifacts/hpn", dst_path=tmp,
-            tracking_uri=tracking_uri)
-        head = HPNClassifier.load(local).head
+        head = HPNClassifier.load(download_hpn(MlflowClient(tracking_uri), run_id, tmp)).head
     test = data.split.test
     with torch.no_grad():
         z = head.embed(torch.from_numpy(data.features[test])).numpy()  # (n_test, d)

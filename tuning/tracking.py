@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,8 @@ from mlflow.tracking import MlflowClient
 from hpn.errors import HPNInputError
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from hpn.config import DataConfig
     from hpn.train import PreparedData
 
@@ -65,8 +68,9 @@ WALL_METRIC = "study_wall_s"  # the study's own wall time, summed over its sessi
 NODE_TAG = "hpn.node"
 RAY_NODE_ID_TAG = "hpn.ray_node_id"
 NODE_IP_TAG = "hpn.node_ip"
-# MLflow 3's UI opens an experiment on its GenAI pages unless the experiment says it is for
-# model training (the UI's own "experiment type" switch writes this tag).
+# The experiment type MLflow 3's UI records (its experiment-type selector writes this tag):
+# model training, not GenAI. MLflow 3.17's UI follows its per-browser GenAI / Model training
+# switch instead, so the links we print name the mode too (`runs_view_url`).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
 # The corpus as an MLflow dataset input (`log_dataset`): on the study's run and on each trial's.
@@ -201,6 +205,18 @@ def runs_view_url(base_url: str, experiment_id: str | None) -> str:
     return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
+def experiment_id_if_any(tracking_uri: str, name: str) -> str | None:
+    """The experiment's id, or None when the store does not hold it (yet). Creates nothing:
+    a SQLite file that is not there is not made just to look."""
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
+        return None
+    try:
+        exp = MlflowClient(tracking_uri).get_experiment_by_name(name)
+    except Exception:  # noqa: BLE001 (an unreachable or outdated store: the UI will say why)
+        return None
+    return exp.experiment_id if exp is not None and exp.lifecycle_stage == "active" else None
+
+
 def find_study_run(client: MlflowClient, experiment_id: str, study: str) -> str | None:
     runs = client.search_runs(
         [experiment_id],
@@ -232,6 +248,20 @@ def close_trial_run(client: MlflowClient, run_id: str, state: str, reason: str |
             tags.append(RunTag(ERROR_TAG, reason[:5000]))
     client.log_batch(run_id, tags=tags)
     client.set_terminated(run_id, status=RUN_STATUS.get(state, "FAILED"))
+
+
+def close_unclosed_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str,
+                             trial_id: str, state: str, reason: str | None = None) -> None:
+    """Close a trial's run that its trial could not close itself (stopped by the scheduler,
+    or killed), from the driver; a run the trial already closed is left as it is."""
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs(
+        [experiment_id],
+        f"tags.`{PARENT_TAG}` = '{parent_run_id}' AND tags.`{TRIAL_ID_TAG}` = '{trial_id}'",
+        max_results=1,
+    )
+    if runs and not runs[0].data.tags.get(STATE_TAG):
+        close_trial_run(client, runs[0].info.run_id, state, reason)
 
 
 def _param_value(value: Any) -> str:
@@ -288,3 +318,86 @@ class TrialRun:
 
     def end(self, state: str, reason: str | None = None) -> None:
         close_trial_run(self.client, self.run_id, state, reason)
+
+
+# -- the study's parent run -----------------------------------------------------------------
+
+def create_study_run(client: MlflowClient, experiment_id: str, study: str, tags: dict[str, str],
+                     fixed_params: dict[str, Any], space_file: str | Path) -> str:
+    """The study's parent run: its tags, the settings it fixed as params (the best trial's
+    values are added as `best.<key>` when it finishes) and its space file as an artifact."""
+    parent = client.create_run(experiment_id, run_name=study,
+                               tags={**tags, STUDY_TAG: study, ROLE_TAG: "study"}).info.run_id
+    client.log_batch(parent, params=[Param(k, _param_value(v)) for k, v in sorted(fixed_params.items())])
+    client.log_artifact(parent, str(space_file), "space")
+    return parent
+
+
+def trials_frame(client: Any, experiment_id: str, parent_run_id: str) -> pd.DataFrame:
+    """One row per trial child run: params.<key>, metrics, state, order."""
+    import numpy as np
+    import pandas as pd
+
+    rows: list[dict[str, Any]] = []
+    for run in trial_runs(client, experiment_id, parent_run_id):
+        tags = run.data.tags
+        row: dict[str, Any] = {
+            "trial_id": tags.get(TRIAL_ID_TAG),
+            "run_id": run.info.run_id,
+            "run_name": run.info.run_name,  # <study>-t007
+            "state": tags.get(STATE_TAG, "running"),
+            "start_time": run.info.start_time,
+            # a study from before --repeats: every trial is its own config
+            "config_group": tags.get(CONFIG_GROUP_TAG, tags.get(TRIAL_ID_TAG)),
+            "repeat": int(tags.get(REPEAT_TAG, 0)),
+        }
+        row.update({f"params.{k}": v for k, v in run.data.params.items()})
+        row.update(run.data.metrics)
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    for col in frame.columns:
+        if col.startswith("params."):
+            converted = pd.to_numeric(frame[col], errors="coerce")
+            if converted.notna().all():
+                frame[col] = converted
+    frame = frame.sort_values("start_time").reset_index(drop=True)
+    frame["order"] = np.arange(len(frame))
+    return frame
+
+
+def mark_lost_trials(client: Any, experiment_id: str, parent: str, known: set[str]) -> None:
+    """Child runs of trials that Ray's saved state does not hold (the driver was killed
+    after they finished but before Ray saved): kept, but tagged `lost` so no trial counts
+    twice and reports skip them."""
+    for run in trial_runs(client, experiment_id, parent):
+        if run.data.tags.get(TRIAL_ID_TAG) not in known and run.data.tags.get(STATE_TAG) != "lost":
+            client.set_tag(run.info.run_id, STATE_TAG, "lost")
+            if run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, "KILLED")
+
+
+def log_best_params(client: Any, parent: str, best: dict[str, Any]) -> None:
+    """The best config's values as `best.<key>` params of the parent run. MLflow params
+    cannot change, so when an extension finds a better config the new values go to
+    `best.<key>` tags (mutable) and the `hpn.best_run_id` tag names the new best trial."""
+    params = {f"best.{k}": str(v) for k, v in best.items()}
+    logged = client.get_run(parent).data.params
+    new = [Param(k, v) for k, v in params.items() if k not in logged]
+    if new:
+        client.log_batch(parent, params=new)
+    if any(logged.get(k, v) != v for k, v in params.items()):
+        client.log_batch(parent, tags=[RunTag(k, v) for k, v in params.items()])
+
+
+def log_study_wall(client: Any, parent: str, session_started: float) -> float:
+    """Add this session's wall time (encode, trials, report) to the study's own, which a
+    resumed study carries across its interruptions; returns the study's total."""
+    history = client.get_metric_history(parent, WALL_METRIC)
+    before = max((m.value for m in history), default=0.0)
+    total = before + time.time() - session_started
+    client.log_metric(parent, WALL_METRIC, total, step=len(history))
+    return total
+
+

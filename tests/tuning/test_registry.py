@@ -1,8 +1,8 @@
 """The model registry end to end: register, promote behind the gate, roll back, predict, serve.
 
-Real objects throughout: models trained with `hpn.train.train`, logged as our pyfunc to a
-trial-like MLflow run, registered with `register_run`, and every contract checked against
-both a SQLite store and a real MLflow server.
+Real objects throughout: models trained with `hpn.train.train`, logged as our pyfunc (an MLflow
+LoggedModel) from a trial-like MLflow run, registered with `register_run`, and every contract
+checked against both a SQLite store and a real MLflow server.
 """
 from __future__ import annotations
 
@@ -28,15 +28,26 @@ from hpn.config import load_config
 from hpn.errors import HPNInputError
 from hpn.train import PreparedData, TrainResult, prepare_data, train
 from tuning.cli import main
-from tuning.pyfunc import log_pyfunc
-from tuning.registry import CHAMPION, PREVIOUS, PromotionRefused, promote, register_run, rollback
+from tuning.pyfunc import MODEL_ARTIFACT, log_pyfunc, run_model, save_pyfunc
+from tuning.registry import (
+    CHAMPION,
+    MODEL_CARD_FILE,
+    PREVIOUS,
+    PromotionRefused,
+    promote,
+    register_run,
+    rollback,
+)
 from tuning.tracking import (
     PARENT_TAG,
     ROLE_TAG,
     STATE_TAG,
+    STUDY_DATASET_CONTEXT,
     STUDY_TAG,
     TRIAL_ID_TAG,
+    corpus_dataset,
     ensure_experiment,
+    log_dataset,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,11 +106,14 @@ def trained(cache_dir: str) -> Trained:
 
 
 def _log_study(client: MlflowClient, uri: str, trained: Trained) -> dict[str, str]:
-    """What `run_study` leaves behind: a study run, and trial runs carrying model and metrics."""
+    """What `run_study` leaves behind: a study run, and trial runs carrying the corpus as their
+    dataset input, params, metrics and the model."""
     experiment_id = ensure_experiment(client, "hpn-tune", uri)
     parent = client.create_run(experiment_id, run_name=STUDY, tags={
         STUDY_TAG: STUDY, ROLE_TAG: "study", "hpn.dataset_fingerprint": trained.data.fingerprint,
     }).info.run_id
+    dataset = corpus_dataset(load_config(None, ["data.size=600"]).data, trained.data)
+    log_dataset(client, parent, dataset, STUDY_DATASET_CONTEXT)
     run_ids = {}
     for key, result in trained.results.items():
         run = client.create_run(experiment_id, run_name=key, tags={
@@ -111,6 +125,7 @@ def _log_study(client: MlflowClient, uri: str, trained: Trained) -> dict[str, st
                                  *TRIALS[key]])
         for name, value in sorted(cfg.to_flat().items()):
             client.log_param(run_id, name, str(value))
+        log_dataset(client, run_id, dataset)
         for name, value in result.metrics.items():
             client.log_metric(run_id, name, float(value))
         log_pyfunc(client, run_id, result.model)
@@ -271,8 +286,8 @@ def test_two_racing_promotions_leave_exactly_one_of_the_candidates_as_champion(s
         # The alias resolves to one whole version whose model is really there.
         champion = store.client.get_model_version_by_alias(name, CHAMPION)
         assert str(champion.version) == aliases[CHAMPION] and champion.status == "READY"
-    files = store.client.list_artifacts(champion.run_id, "model")
-    assert "MLmodel" in {Path(f.path).name for f in files}
+    files = store.client.list_logged_model_artifacts(run_model(store.client, champion.run_id).model_id)
+    assert "MLmodel" in {f.path for f in files}
 
 
 # -- what a version carries ------------------------------------------------------------------
@@ -284,13 +299,56 @@ def test_a_registered_version_carries_its_provenance_and_a_model_card(store, tra
 
     assert mv.tags["study"] == STUDY and mv.tags["trial"] == "trial_good"
     assert mv.tags["dataset_fingerprint"] == trained.data.fingerprint
-    assert json.loads(mv.tags["config"])["train.epochs"] == "8"
+    assert "config" not in mv.tags  # the params are the run's and the model's, the card says the rest
     test_accuracy = trained.results["good"].metrics[M.TEST_ACCURACY]
     assert float(mv.tags[f"metric.{M.TEST_ACCURACY}"]) == pytest.approx(test_accuracy, abs=1e-6)
     assert float(mv.tags[f"metric.{M.VAL_ACCURACY}"]) == pytest.approx(trained.accuracy("good"), abs=1e-6)
-    assert "all-MiniLM-L6-v2" in mv.description
-    assert f"{M.TEST_ACCURACY} {test_accuracy:.4f}" in mv.description
     assert mv.run_id == store.run_ids["good"]
+    card = mv.description
+    assert card.startswith(f"# `models:/{model_name}/{version}`: HPN persona classifier")
+    assert "all-MiniLM-L6-v2" in card and "adam, lr 0.005" in card and "8 epochs" in card
+    # validation first, test beside it
+    assert f"| accuracy | {trained.accuracy('good'):.4f} | {test_accuracy:.4f} |" in card
+    assert "`synthetic-600`, 600 texts" in card and trained.data.fingerprint in card
+    assert f"hpn-tune predict --model models:/{model_name}/{version}" in card
+
+
+def test_the_card_is_also_a_markdown_file_beside_the_model_and_in_it(store, model_name):
+    (version,) = store.register(model_name, "good")
+    run_id = store.run_ids["good"]
+    logged = run_model(store.client, run_id)
+
+    assert MODEL_CARD_FILE in {f.path for f in store.client.list_artifacts(run_id)}
+    assert MODEL_CARD_FILE in {f.path for f in store.client.list_logged_model_artifacts(logged.model_id)}
+    # the version is the run's LoggedModel, and the Models tab shows the version on it
+    mv = store.client.get_model_version(model_name, version)
+    assert mv.source == logged.artifact_location
+    versions = json.loads(store.client.get_logged_model(logged.model_id).tags["mlflow.modelVersions"])
+    assert (model_name, version) in {(v["name"], str(v["version"])) for v in versions}
+
+
+def test_a_run_logged_before_logged_models_still_registers_and_loads(
+        store, trained, model_name, tmp_path, restore_mlflow_uris):
+    import mlflow
+
+    experiment_id = store.client.get_experiment_by_name("hpn-tune").experiment_id
+    run_id = store.client.create_run(experiment_id, run_name="old-style").info.run_id
+    result = trained.results["good"]
+    for name, value in result.metrics.items():
+        store.client.log_metric(run_id, name, float(value))
+    local = save_pyfunc(result.model, tmp_path / MODEL_ARTIFACT)  # as log_pyfunc once did
+    store.client.log_artifacts(run_id, str(local), MODEL_ARTIFACT)
+    store.client.set_terminated(run_id)
+
+    version = register_run(store.client, run_id, model_name)
+
+    mv = store.client.get_model_version(model_name, version)
+    assert mv.source.endswith(f"/{MODEL_ARTIFACT}") and "config" not in mv.tags
+    mlflow.set_tracking_uri(store.uri)
+    mlflow.set_registry_uri(store.uri)
+    texts = trained.test_texts(3)
+    frame = mlflow.pyfunc.load_model(f"models:/{model_name}/{version}").predict(pd.DataFrame({"text": texts}))
+    assert frame["label"].tolist() == result.model.predict(texts)[0]
 
 
 # -- using the champion ----------------------------------------------------------------------

@@ -10,8 +10,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from hpn import metrics as M
-from tuning.study import StudyOptions, run_study, trials_frame
-from tuning.tracking import CONFIG_GROUP_TAG, REPEAT_TAG, STATE_TAG
+from tuning.study import StudyOptions, run_study
+from tuning.tracking import CONFIG_GROUP_TAG, REPEAT_TAG, STATE_TAG, trials_frame
 
 pytestmark = pytest.mark.usefixtures("ray_runtime")
 

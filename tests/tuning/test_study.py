@@ -14,8 +14,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from hpn import metrics as M
-from tuning.study import StudyOptions, run_study, trials_frame
-from tuning.tracking import STATE_TAG, TRIAL_ID_TAG, trial_runs
+from tuning.pyfunc import run_model
+from tuning.study import StudyOptions, run_study
+from tuning.tracking import STATE_TAG, TRIAL_ID_TAG, trial_runs, trials_frame
 
 pytestmark = pytest.mark.usefixtures("ray_runtime")
 
@@ -44,7 +45,8 @@ def test_a_small_study_logs_one_child_run_per_trial_with_params_and_metrics(
         history = client.get_metric_history(run.info.run_id, M.VAL_ACCURACY)
         assert sorted(m.step for m in history) == [1, 2, 3]
         assert run.data.tags[STATE_TAG] == "completed"
-        assert "model/MLmodel" in {f.path for f in client.list_artifacts(run.info.run_id, "model")}
+        model = run_model(client, run.info.run_id)  # the trial's LoggedModel
+        assert "MLmodel" in {f.path for f in client.list_logged_model_artifacts(model.model_id)}
     parent = client.get_run(summary["parent_run_id"])
     assert parent.data.tags["hpn.sampler"] == "tpe"
     assert len(parent.data.tags["hpn.dataset_fingerprint"]) == 64
@@ -147,14 +149,15 @@ def test_a_killed_study_resumes_without_running_or_logging_a_trial_twice(
     # The Optuna storage holds every trial exactly once: each kept run has its own COMPLETE
     # Optuna trial; a lost run's trial stays COMPLETE (a real result the sampler may use);
     # what was asked just before the kill but never run by Ray is failed and marked so.
-    trials = _optuna_trials(f"sqlite:///{tmp_path / 'optuna.db'}", "killed")
+    # (A lost run's trial is COMPLETE when the driver told it before the kill, else FAIL.)
+    trials = {t.number: t for t in _optuna_trials(f"sqlite:///{tmp_path / 'optuna.db'}", "killed")}
     numbers = [int(r.data.tags["hpn.optuna_trial"]) for r in runs]
     assert len(numbers) == len(set(numbers))
-    states = {t.number: t.state.name for t in trials}
-    assert all(states[n] == "COMPLETE" for n in numbers)
-    assert not [t for t in trials if t.state.name == "RUNNING"]
-    extra = [t for t in trials if t.number not in numbers]
-    assert all(t.state.name == "FAIL" and "hpn_orphaned" in t.user_attrs for t in extra)
+    assert all(trials[int(r.data.tags["hpn.optuna_trial"])].state.name == "COMPLETE" for r in kept)
+    assert not [t for t in trials.values() if t.state.name == "RUNNING"]
+    orphans = [t for n, t in trials.items() if t.state.name == "FAIL"]
+    assert all("hpn_orphaned" in t.user_attrs for t in orphans)
+    assert sum(t.state.name == "COMPLETE" for t in trials.values()) >= 6
 
 
 def test_a_set_on_a_searched_key_is_refused_before_anything_starts(tmp_path, cache_dir):
@@ -283,3 +286,49 @@ def test_a_finished_study_extends_to_n_trials_with_its_sampler_history(tmp_path,
         assert t.user_attrs["ray_trial_id"] == r.data.tags[TRIAL_ID_TAG]
         assert t.value == pytest.approx(r.data.metrics[M.VAL_ACCURACY])
         assert float(r.data.params["train.lr"]) == pytest.approx(t.params["train.lr"])
+
+
+def test_an_interrupted_extension_resumes_with_the_printed_command(tmp_path, cache_dir,
+                                                                   ray_runtime):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["--tracking-uri", uri, "--storage-path", str(tmp_path / "ray"),
+              "--address", ray_runtime, "--no-register"]
+    first = subprocess.run(
+        [sys.executable, "-m", "tuning.cli", "run", "--space", "quick", "--trials", "2",
+         "--max-concurrent", "1", "--name", "ext", "--scheduler", "fifo", *common,
+         "--set", "data.size=600", "--set", f"encoder.cache_dir={cache_dir}",
+         "--set", "train.epochs=30"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    client = MlflowClient(uri)
+    exp_id = client.get_experiment_by_name("hpn-tune").experiment_id
+    proc = subprocess.Popen([sys.executable, "-m", "tuning.cli", "run", "--name", "ext",
+                             "--resume", "--trials", "5", *common],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # one trial of the extension done, then Ctrl-C
+        time.sleep(1)
+        done = client.search_runs([exp_id], f"tags.`{STATE_TAG}` = 'completed'")
+        if len([r for r in done if r.info.end_time]) >= 3:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert "continue it with: hpn-tune run --name ext --resume" in last and "--trials" not in last
+    parent = client.search_runs([exp_id], "tags.`hpn.role` = 'study'")[0]
+    assert parent.info.status == "KILLED" and parent.data.tags["hpn.trials"] == "5"
+
+    printed = shlex.split(last.split("continue it with: ", 1)[1])
+    resumed = subprocess.run([sys.executable, "-m", "tuning.cli", *printed[1:], "--json"],
+                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert summary["trials_completed"] == 5
+    runs = [r for r in trial_runs(client, exp_id, parent.info.run_id)
+            if r.data.tags[STATE_TAG] != "lost"]
+    assert sorted(r.info.run_name for r in runs) == [f"ext-t{i:03d}" for i in range(1, 6)]
+    trials = _optuna_trials(f"sqlite:///{tmp_path / 'optuna.db'}", "ext")
+    numbers = sorted(int(r.data.tags["hpn.optuna_trial"]) for r in runs)
+    assert len(set(numbers)) == 5
+    assert [t.state.name for t in trials if t.number in numbers] == ["COMPLETE"] * 5
+    assert not [t for t in trials if t.state.name == "RUNNING"]

@@ -15,7 +15,8 @@ from tuning import tracking
 from tuning.cli import main
 from tuning.spaces import load_space, resolve_space_path
 from tuning.studies import open_store, searched_keys
-from tuning.study import StudyOptions, run_study, trials_frame
+from tuning.study import StudyOptions, run_study
+from tuning.tracking import trials_frame
 
 pytestmark = pytest.mark.usefixtures("ray_runtime")
 

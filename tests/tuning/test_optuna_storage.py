@@ -1,0 +1,85 @@
+"""The study's Optuna storage as Ray's searcher uses it: real RDB storage, no Ray runtime."""
+from __future__ import annotations
+
+import logging
+
+import optuna
+import pytest
+
+from hpn import metrics as M
+from tuning.optuna_store import ORPHAN_ATTR, mark_orphans, open_storage, redact, resolve_storage
+from tuning.ray_tune import DONE_KEY, OPTUNA_TRIAL_KEY, StudySearch
+
+
+def _space(trial):
+    trial.suggest_float("train.lr", 1e-3, 1e-1, log=True)
+
+
+def _searcher(url: str) -> StudySearch:
+    return StudySearch(space=_space, metric=M.VAL_ACCURACY, mode="max",
+                       sampler=optuna.samplers.RandomSampler(seed=0),
+                       storage=open_storage(url), study_name="s")
+
+
+def _trials(url: str) -> dict[int, optuna.trial.FrozenTrial]:
+    return {t.number: t for t in optuna.load_study(study_name="s", storage=url).get_trials()}
+
+
+def test_each_ray_trial_is_one_optuna_trial_told_as_it_ended(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    search = _searcher(url)
+    configs = {tid: search.suggest(tid) for tid in ("a", "b", "c")}
+    assert [configs[t][OPTUNA_TRIAL_KEY] for t in "abc"] == [0, 1, 2]
+    for tid in "abc":
+        search.on_trial_result(tid, {M.VAL_ACCURACY: 0.5, "training_iteration": 1, M.EPOCH: 1})
+    search.on_trial_complete("a", {M.VAL_ACCURACY: 0.8, M.EPOCH: 3, DONE_KEY: True})
+    # ASHA stopped b at epoch 1: Tune hands over its last result, which is not a finish.
+    search.on_trial_complete("b", {M.VAL_ACCURACY: 0.5, M.EPOCH: 1})
+    search.on_trial_complete("c", None, error=True)
+    trials = _trials(url)
+    assert [trials[n].state.name for n in range(3)] == ["COMPLETE", "PRUNED", "FAIL"]
+    assert trials[0].value == 0.8 and trials[1].intermediate_values == {1: 0.5}
+    assert [trials[n].user_attrs["ray_trial_id"] for n in range(3)] == ["a", "b", "c"]
+
+
+def test_a_trial_replayed_after_a_resume_leaves_its_finished_optuna_trial_alone(tmp_path, caplog):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    search = _searcher(url)
+    search.suggest("a")
+    state = dict(search.__dict__)  # what Ray saved before the trial finished
+    search.on_trial_complete("a", {M.VAL_ACCURACY: 0.8, M.EPOCH: 3, DONE_KEY: True})
+    restored = _searcher(url)
+    restored.__dict__.update(state)  # the resumed searcher: it does not know "a" finished
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        restored.on_trial_result("a", {M.VAL_ACCURACY: 0.6, "training_iteration": 1, M.EPOCH: 1})
+        restored.on_trial_complete("a", {M.VAL_ACCURACY: 0.8, M.EPOCH: 3, DONE_KEY: True})
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    (trial,) = _trials(url).values()
+    assert trial.state.name == "COMPLETE" and trial.value == 0.8
+
+
+def test_trials_asked_but_never_run_by_ray_are_failed_and_marked(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    search = _searcher(url)
+    for tid in ("a", "b", "c"):
+        search.suggest(tid)
+    assert mark_orphans(open_storage(url), "s", known_ray_trials={"a", "b"}) == 1
+    trials = _trials(url)
+    assert [trials[n].state.name for n in range(3)] == ["RUNNING", "RUNNING", "FAIL"]
+    assert ORPHAN_ATTR in trials[2].user_attrs and ORPHAN_ATTR not in trials[0].user_attrs
+
+
+def test_storage_urls_are_resolved_and_printed_without_a_password(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_storage(None, f"sqlite:///{tmp_path}/x/mlflow.db") == \
+        f"sqlite:///{tmp_path}/x/optuna.db"
+    assert resolve_storage(None, "http://127.0.0.1:5000") == f"sqlite:///{tmp_path}/optuna.db"
+    assert resolve_storage("sqlite:///rel.db", "") == f"sqlite:///{tmp_path}/rel.db"
+    assert redact("postgresql://hpn:s3cret@db:5432/optuna") == "postgresql://hpn:***@db:5432/optuna"
+    from hpn.errors import HPNInputError
+
+    with pytest.raises(HPNInputError, match="--optuna-storage: 'optuna.db' is not a database URL"):
+        resolve_storage("optuna.db", "")
+    with pytest.raises(HPNInputError, match="--optuna-storage: folder .* does not exist"):
+        open_storage(f"sqlite:///{tmp_path}/missing/optuna.db")
