@@ -244,8 +244,9 @@ def test_quieting_drops_only_the_named_messages(monkeypatch):
         tune.warning("Experiment has been interrupted, but the most recent state was saved.\n"
                      "Resume experiment with: Tuner.restore(path=..., trainable=...)")
         tune.warning("Stop signal received (e.g. via SIGINT/Ctrl+C), ending Ray Tune run.")
+        tune.warning("Trial task failed for trial trial_fn_0123")  # a real failure stays
         assert seen == ["Token authentication is disabled for this Ray cluster. Anyone with ...",
-                        "Stop signal received (e.g. via SIGINT/Ctrl+C), ending Ray Tune run."]
+                        "Trial task failed for trial trial_fn_0123"]
         assert len(auth.filters) == 1
         assert not logging.getLogger("mlflow").isEnabledFor(logging.INFO)
         assert logging.getLogger("mlflow").isEnabledFor(logging.WARNING)

@@ -187,7 +187,7 @@ def test_the_study_plots_are_optunas_own_drawn_on_the_study(tmp_path):
     done = write_optuna_plots(_optuna_study(12, ["maximize"], prune_every=4), tmp_path)
     assert done == {name: "written" for name in (
         "optimization_history.png", "param_importances.png", "parallel_coordinates.png",
-        "contour.png", "slice.png")}
+        "contour.png", "slice.png", "intermediate_values.png")}
     for name in done:
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
 
@@ -204,5 +204,6 @@ def test_a_plot_optuna_cannot_draw_is_skipped_with_its_reason(tmp_path):
     assert one["contour.png"] == "skipped: nothing to plot"  # one point has no contour
     assert one["optimization_history.png"] == "written"
     pruned = write_optuna_plots(_optuna_study(3, ["maximize"], prune_every=1), tmp_path / "none")
+    assert pruned.pop("intermediate_values.png") == "written"  # the pruned trials' epochs
     assert set(pruned.values()) == {"skipped: nothing to plot"}
-    assert not list((tmp_path / "none").iterdir())
+    assert [p.name for p in (tmp_path / "none").iterdir()] == ["intermediate_values.png"]

@@ -114,7 +114,8 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
               f"test_accuracy {summary['best_test_accuracy']:.4f}{over} with:")
         _print_table(summary["best_config"])
     if summary.get("registered_version"):
-        print(f"registered as {opts.model_name} version {summary['registered_version']}; "
+        what = "registered as" if summary.get("registered_new") else "the best trial is already"
+        print(f"{what} {opts.model_name} version {summary['registered_version']}; "
               f"promote it with: hpn-tune promote --study {summary['study']}")
     print(f"browse it: hpn-tune ui --tracking-uri {summary['tracking_uri']}")
     return summary

@@ -209,7 +209,9 @@ def trial_fn(config: dict[str, Any], data: PreparedData, ctx: StudyContext) -> N
         trained[0] = epoch
         run.log_metrics({k: row[k] for k in M.EPOCH_METRICS}, step=epoch)
         if pending:
-            tune.report(pending.pop())
+            # With the time and peak memory so far: if the scheduler stops the trial at this
+            # report, the driver closes its run with them (tracking.close_unclosed_trial_run).
+            tune.report({**pending.pop(), **memory.usage()})
         pending.append(row)
 
     # The trial's own window around train(): a trial stopped early, failed or pruned, still
@@ -225,9 +227,10 @@ def trial_fn(config: dict[str, Any], data: PreparedData, ctx: StudyContext) -> N
             run.log_metrics(memory.usage())
             run.end("error", str(exc))
             raise
-        except SystemExit:  # Ray stopped the trial at a report (ASHA)
+        except SystemExit:  # Ray stopped the trial: ASHA at a report, or the study's Ctrl-C
+            # Which of the two only the driver knows: it closes the run as pruned
+            # (FinalizeTrialRuns) or as interrupted (tracking.close_interrupted_trial_runs).
             run.log_metrics(memory.usage())
-            run.end("pruned", pruned_reason(trained[0]))
             raise
         except Exception as exc:
             run.log_metrics(memory.usage())
@@ -261,7 +264,8 @@ def pruned_reason(epoch: float | None) -> str:
 
 
 class FinalizeTrialRuns(tune.Callback):
-    """Close child runs a trial could not close itself (pruned or killed trials)."""
+    """Close the runs of trials the scheduler stopped (pruned) or that failed, from the driver:
+    only the driver knows that a stopped trial was pruned rather than interrupted."""
 
     def __init__(self, ctx: StudyContext) -> None:
         self.ctx = ctx
@@ -271,8 +275,13 @@ class FinalizeTrialRuns(tune.Callback):
                                  self.ctx.parent_run_id, trial.trial_id, state, reason)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if not (trial.last_result or {}).get(DONE_KEY):
-            self._close(trial, "pruned", pruned_reason((trial.last_result or {}).get(M.EPOCH)))
+        last = trial.last_result or {}
+        if not last.get(DONE_KEY):
+            close_unclosed_trial_run(
+                self.ctx.tracking_uri, self.ctx.experiment_id, self.ctx.parent_run_id,
+                trial.trial_id, "pruned", pruned_reason(last.get(M.EPOCH)),
+                {k: last[k] for k in (M.RUNTIME_S, M.PEAK_RSS_MB, M.PEAK_VRAM_MB,
+                                      M.PEAK_VRAM_PROCESS_MB) if k in last})
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._close(trial, "error", ProgressCallback.error_line(trial) or "the trial raised an error")
@@ -426,12 +435,14 @@ def quiet_libraries() -> None:
     # Ray Tune after a Ctrl-C: "Experiment has been interrupted, but the most recent state
     # was saved. Resume experiment with: Tuner.restore(path=..., trainable=...)". Not how a
     # study resumes: run_study prints our own `hpn-tune run --name S --resume` command.
-    # ("Stop signal received ... Press CTRL+C to skip" from the same logger stays.)
+    # And, at the Ctrl-C, "Stop signal received (e.g. via SIGINT/Ctrl+C), ending Ray Tune
+    # run. ... Press CTRL+C ... to skip": it landed glued to the live line and invites a
+    # second Ctrl-C; the study says "interrupted" and how to resume once it has stopped.
     # Same logger, when fit() ends with trials not TERMINATED: "Trials did not complete:
     # [trial_fn_5736c061, ...]", Ray's ids of the errored (or, after a Ctrl-C, unfinished)
     # trials, which our summary counts and the live line and MLflow name as <study>-tNNN.
     drop("ray.tune.tune", "Experiment has been interrupted", "Training has been interrupted",
-         "Trials did not complete")
+         "Trials did not complete", "Stop signal received")
     # "Failed to fetch metrics for N trial(s): - trial_fn_...: FileNotFoundError('Could not
     # fetch metrics for ...: both result.json and progress.csv were not found at ...')", each
     # time Ray loads the study's state (fit()'s result grid, Tuner.restore, trial_statuses)

@@ -187,7 +187,9 @@ OPTUNA_PLOTS = {
 
 def write_optuna_plots(study: Any, out_dir: str | Path, objective: str = VAL_ACCURACY,
                        objectives: list[str] | None = None) -> dict[str, str]:
-    """Optuna's own plots of the study into out_dir. Returns {file: written | why skipped}:
+    """Optuna's own plots of the study into out_dir (with the per-epoch intermediate values,
+    which show pruned trials; the history shows completed ones only). Returns {file:
+    written | why skipped}:
     a plot Optuna cannot draw for this study (too few trials, one parameter, nothing that
     varied) is skipped with Optuna's reason, never failing the study. With several
     `objectives` (multi-objective) the plots show the first and a Pareto front is added."""
@@ -212,6 +214,8 @@ def write_optuna_plots(study: Any, out_dir: str | Path, objective: str = VAL_ACC
         calls[name] = (getattr(ovm, plot), kwargs)
     if multi:
         calls["pareto_front.png"] = (ovm.plot_pareto_front, {"target_names": list(objectives)})
+    else:  # per-epoch val_accuracy of every trial: where ASHA stopped the pruned ones
+        calls["intermediate_values.png"] = (ovm.plot_intermediate_values, {})
     done: dict[str, str] = {}
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # "no complete trials": said below

@@ -167,8 +167,7 @@ def _draw_bars(d: BarsData) -> Figure:
     ax.bar(range(len(d.labels)), d.means, yerr=d.stds, capsize=3)
     ax.set_xticks(range(len(d.labels)), d.labels, rotation=45, ha="right", fontsize=8)
     ax.set(ylabel=f"{M.RUNTIME_S} (mean, std over repeats)", title="Runtime per configuration")
-    fig.tight_layout()
-    return fig
+    return fig  # no tight_layout: long config labels made it warn; savefig crops to fit
 
 
 def _draw_boxes(d: BoxData) -> Figure:
@@ -177,8 +176,7 @@ def _draw_boxes(d: BoxData) -> Figure:
     ax.boxplot(d.values)
     ax.set_xticks(range(1, len(d.labels) + 1), d.labels, rotation=45, ha="right", fontsize=8)
     ax.set(ylabel=ACCURACY, title="Accuracy distribution per configuration")
-    fig.tight_layout()
-    return fig
+    return fig  # no tight_layout: long config labels made it warn; savefig crops to fit
 
 
 def _draw_tsne(d: TsneData) -> Figure:

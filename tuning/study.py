@@ -171,8 +171,8 @@ def _resume_plan(opts: StudyOptions, parent_run: Any) -> StudyPlan:
 
     trials = recorded(tracking.TRIALS_TAG, int, opts.trials or 12)
     if opts.trials is not None and opts.trials < trials:
-        raise HPNInputError(f"--trials: {opts.trials} is fewer than study {name!r}'s {trials}; a "
-                            f"study can only be extended (drop --trials to resume it)")
+        raise HPNInputError(f"--trials: {opts.trials} is fewer than the {trials} trials of study "
+                            f"{name!r}; a study can only be extended (drop --trials to resume it)")
     extend = opts.trials is not None and opts.trials > trials
     if parent_run.info.status == "FINISHED" and not extend:
         raise HPNInputError(f"--resume: study {name!r} already finished its {trials} trials; "
@@ -329,6 +329,7 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
             "head reaches (e.g. postgresql://user@db/optuna)")
     runs = _legs_to_run(plan, name, storage, client.get_run(parent).info.status if parent else None)
 
+    _say(opts, f"study {name}: starting Ray, then the data (the encode shows a bar; cached after)")
     ray_tune.init_ray(opts.address)
     _check_cluster_reach(opts, tracking_uri)
     gpus = plan.gpus_per_trial
@@ -359,13 +360,24 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
     wanted = sum(leg.trials for leg in legs) * plan.repeats
     finished = _finished(statuses)
     if finished < wanted:  # Ray's fit() returns normally after a Ctrl-C
+        tracking.close_interrupted_trial_runs(client, experiment_id, parent,
+                                              resume_command(opts, name))
         tracking.log_study_wall(client, parent, session_started)
         client.set_terminated(parent, "KILLED")
         raise StudyInterrupted(
             f"study {name!r} stopped with {finished} of {wanted} trials finished; "
             f"continue it with: {resume_command(opts, name)}")
+    _say(opts, f"study {name}: all trials done; writing the report"
+         + (" and registering the best model" if opts.register else ""))
     return _finish(client, experiment_id, parent, name, plan, data, tracking_uri, opts,
                    session_started)
+
+
+def _say(opts: StudyOptions, line: str) -> None:
+    """A step the user would otherwise wait through in silence (terminal only, like the
+    live line: never with --json or into a file)."""
+    if opts.progress and sys.stderr.isatty():
+        print(line, file=sys.stderr, flush=True)
 
 
 def _legs_to_run(plan: StudyPlan, name: str, storage: str,
@@ -480,6 +492,8 @@ def _run_leg(client: Any, experiment_id: str, parent: str, name: str, tracking_u
                            progress)
     except BaseException as exc:
         progress.close()  # Tune closes it when the experiment ends, not when fit() raises
+        tracking.close_interrupted_trial_runs(client, experiment_id, parent,
+                                              resume_command(opts, name))
         tracking.log_study_wall(client, parent, session_started)
         client.set_terminated(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
@@ -560,7 +574,12 @@ def _finish(client: Any, experiment_id: str, parent: str, name: str, plan: Study
     if opts.register and best is not None:
         from tuning.registry import register_run
 
-        summary["registered_version"] = register_run(client, best.run["run_id"], opts.model_name)
+        run_id = best.run["run_id"]
+        # An extension whose best trial did not change keeps the version it had.
+        summary["registered_new"] = not (
+            client.search_registered_models(f"name = '{opts.model_name}'")
+            and client.search_model_versions(f"name = '{opts.model_name}' AND run_id = '{run_id}'"))
+        summary["registered_version"] = register_run(client, run_id, opts.model_name)
     return summary
 
 

@@ -27,12 +27,12 @@ if TYPE_CHECKING:
 
 TRIAL_ID_TAG = "hpn.trial_id"
 STUDY_TAG = "hpn.study"
-STATE_TAG = "hpn.trial_state"  # completed | pruned | error | lost
+STATE_TAG = "hpn.trial_state"  # completed | pruned | error | interrupted | lost
 ERROR_TAG = "hpn.error"  # why a trial failed
 NOTE_TAG = "mlflow.note.content"  # a run's description in the MLflow UI
 #: MLflow status per trial state: a pruned trial did what the scheduler asked, so it is
 #: FINISHED (its state tag says pruned) and only real failures show as failed in the UI.
-RUN_STATUS = {"completed": "FINISHED", "pruned": "FINISHED"}
+RUN_STATUS = {"completed": "FINISHED", "pruned": "FINISHED", "interrupted": "KILLED"}
 PARENT_TAG = "mlflow.parentRunId"
 ROLE_TAG = "hpn.role"  # study | trial
 # With --repeats N, one proposed config runs N times (train.seed, +1, +2, ...): each repeat is
@@ -251,9 +251,11 @@ def close_trial_run(client: MlflowClient, run_id: str, state: str, reason: str |
 
 
 def close_unclosed_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str,
-                             trial_id: str, state: str, reason: str | None = None) -> None:
+                             trial_id: str, state: str, reason: str | None = None,
+                             metrics: dict[str, float] | None = None) -> None:
     """Close a trial's run that its trial could not close itself (stopped by the scheduler,
-    or killed), from the driver; a run the trial already closed is left as it is."""
+    or failed), from the driver, with `metrics` it lacks (time and peak memory from its last
+    report); a run the trial already closed is left as it is."""
     client = MlflowClient(tracking_uri)
     runs = client.search_runs(
         [experiment_id],
@@ -261,7 +263,25 @@ def close_unclosed_trial_run(tracking_uri: str, experiment_id: str, parent_run_i
         max_results=1,
     )
     if runs and not runs[0].data.tags.get(STATE_TAG):
+        missing = {k: v for k, v in (metrics or {}).items() if k not in runs[0].data.metrics}
+        if missing:
+            now = int(time.time() * 1000)
+            client.log_batch(runs[0].info.run_id,
+                             metrics=[Metric(k, float(v), now, 0) for k, v in missing.items()])
         close_trial_run(client, runs[0].info.run_id, state, reason)
+
+
+def close_interrupted_trial_runs(client: MlflowClient, experiment_id: str, parent: str,
+                                 resume: str) -> int:
+    """After a Ctrl-C: the runs of trials stopped mid-training (still RUNNING, no state)
+    end KILLED as `interrupted`, saying how they go on; returns how many."""
+    closed = 0
+    for run in trial_runs(client, experiment_id, parent):
+        if run.info.status == "RUNNING" and not run.data.tags.get(STATE_TAG):
+            close_trial_run(client, run.info.run_id, "interrupted",
+                            f"Interrupted with the study before it finished; {resume} trains it again.")
+            closed += 1
+    return closed
 
 
 def _param_value(value: Any) -> str:

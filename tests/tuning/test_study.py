@@ -233,7 +233,7 @@ def test_a_resume_flag_that_contradicts_the_recorded_study_is_refused(tmp_path, 
             "trials": None, "max_concurrent": None, **kw})
         with pytest.raises(HPNInputError, match=f"{flag} .* differs from the study's"):
             run_study(opts)
-    with pytest.raises(HPNInputError, match="--trials: 1 is fewer than study 'recorded'"):
+    with pytest.raises(HPNInputError, match="--trials: 1 is fewer than the 2 trials of study 'recorded'"):
         run_study(options(tmp_path, cache_dir, uri, "recorded", resume=True, trials=1,
                           max_concurrent=None))
     assert client.get_run(parent).info.status == "KILLED"  # a refusal changes nothing
