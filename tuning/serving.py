@@ -101,9 +101,9 @@ def ui(tracking_uri: str | None, port: int, host: str = "127.0.0.1",
            "--workers", "1", "--uvicorn-opts", "--log-level warning --no-access-log"]
     # Nor does a local browse need MLflow's GenAI job runner (seven more processes), or
     # Starlette's deprecation warnings about MLflow's own server code.
-    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    os.environ.setdefault("PYTHONWARNINGS", "ignore:starlette.middleware.wsgi is deprecated")
-    os.execvp(sys.executable, cmd)
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+           "PYTHONWARNINGS": "ignore:starlette.middleware.wsgi is deprecated", **os.environ}
+    os.execvpe(sys.executable, cmd, env)
 
 
 def dashboard(optuna_storage: str | None, tracking_uri: str | None, study: str | None,

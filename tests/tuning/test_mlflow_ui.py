@@ -205,7 +205,7 @@ def test_the_mlflow_ui_bundle_has_that_route_and_mode():
 
 def test_ui_prints_the_runs_page_of_the_experiment_or_the_front_page(tmp_path, monkeypatch, capsys):
     started = []
-    monkeypatch.setattr(serving.os, "execvp", lambda exe, cmd: started.append(cmd))
+    monkeypatch.setattr(serving.os, "execvpe", lambda exe, cmd, env: started.append((cmd, env)))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
     serving.ui(uri, 5999)  # no store yet: the front page, and no store made to look
@@ -216,7 +216,11 @@ def test_ui_prints_the_runs_page_of_the_experiment_or_the_front_page(tmp_path, m
     serving.ui(uri, 5999, host="0.0.0.0")
     assert capsys.readouterr().out.strip().endswith(
         f"at http://127.0.0.1:5999/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
-    assert started[-1][-6:] == ["--backend-store-uri", uri, "--host", "0.0.0.0", "--port", "5999"]
+    cmd, env = started[-1]
+    assert cmd[cmd.index("ui") + 1:] == [
+        "--backend-store-uri", uri, "--registry-store-uri", uri, "--host", "0.0.0.0",
+        "--port", "5999", "--workers", "1", "--uvicorn-opts", "--log-level warning --no-access-log"]
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"  # no GenAI job runner
     assert experiment_id_if_any(uri, "no-such-experiment") is None
 
 
