@@ -52,8 +52,20 @@ def resolve_storage(url: str | None, tracking_uri: str) -> str:
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for tags and printed lines."""
-    return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", url)
+    """The text with any URL password shown as ***, for tags and printed lines (SQLAlchemy's
+    own parsing of the netloc, plus `password=` query arguments); other text as it is."""
+    if "://" not in url:
+        return url
+    from sqlalchemy.engine import make_url
+
+    text = url
+    try:
+        parsed = make_url(url)
+        if parsed.password is not None:
+            text = parsed.render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 (not a URL SQLAlchemy reads: fall back to the pattern)
+        text = re.sub(r"://([^/@]*):[^/]*@", r"://\1:***@", url)
+    return re.sub(r"(?i)([?&](?:password|passwd|pwd)=)[^&]*", r"\1***", text)
 
 
 def open_storage(url: str) -> Any:

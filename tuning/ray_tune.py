@@ -108,7 +108,19 @@ class StudySearch(OptunaSearch):
         # over repeats does not, and is complete.
         if result and not error and M.EPOCH in result and not result.get(DONE_KEY):
             result = None
+        elif result and not error and not _all_finite(result, self.metric):
+            # An objective missing or NaN (a multi-objective trial without peak_vram_mb, a
+            # Repeater mean over failed repeats): Optuna would refuse the values and leave
+            # the trial RUNNING; it failed.
+            result, error = None, True
         super().on_trial_complete(trial_id, result, error)
+
+
+def _all_finite(result: dict, metric: str | list[str]) -> bool:
+    import math
+
+    values = [result.get(m) for m in (metric if isinstance(metric, list) else [metric])]
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
 
 
 class SeedRepeats(Repeater):

@@ -193,8 +193,6 @@ def write_optuna_plots(study: Any, out_dir: str | Path, objective: str = VAL_ACC
     a plot Optuna cannot draw for this study (too few trials, one parameter, nothing that
     varied) is skipped with Optuna's reason, never failing the study. With several
     `objectives` (multi-objective) the plots show the first and a Pareto front is added."""
-    import warnings
-
     import matplotlib
 
     matplotlib.use("Agg", force=False)  # Optuna draws with pyplot: never open a window
@@ -219,9 +217,20 @@ def write_optuna_plots(study: Any, out_dir: str | Path, objective: str = VAL_ACC
     done: dict[str, str] = {}
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # "no complete trials": said below
+    try:
+        _draw_optuna_plots(study, calls, out, done, plt, ExperimentalWarning)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    return done
+
+
+def _draw_optuna_plots(study: Any, calls: dict[str, Any], out: Path, done: dict[str, str],
+                       plt: Any, experimental: type[Warning]) -> None:
+    import warnings
+
     for name, (plot, kwargs) in calls.items():
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)  # Optuna's matplotlib backend
+            warnings.simplefilter("ignore", experimental)  # Optuna's matplotlib backend
             warnings.simplefilter("ignore", UserWarning)  # matplotlib on a one-point axis
             try:
                 ax = plot(study, **kwargs)
@@ -237,5 +246,3 @@ def write_optuna_plots(study: Any, out_dir: str | Path, objective: str = VAL_ACC
             figure.savefig(out / name, dpi=110, bbox_inches="tight")
             done[name] = "written"
         plt.close(figure)
-    optuna.logging.set_verbosity(verbosity)
-    return done

@@ -54,11 +54,16 @@ def make_sampler(name: str, seed: int | None, space: SearchSpace) -> optuna.samp
             raise HPNInputError("--sampler cmaes: needs the `cmaes` package; pip install cmaes") from None
         # CMA-ES searches the int/float keys that every trial has; categorical and conditional
         # keys go to the independent sampler, which is expected, so no warning per trial.
-        return optuna.samplers.CmaEsSampler(
-            seed=seed,
-            independent_sampler=optuna.samplers.RandomSampler(seed=seed),
-            warn_independent_sampling=False,
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.CmaEsSampler(
+                seed=seed,
+                independent_sampler=optuna.samplers.RandomSampler(seed=seed),
+                warn_independent_sampling=False,
+                # Most trials of an ASHA study are pruned (told PRUNED, with their last
+                # epoch's value): without this, CMA-ES would learn from the few that finished.
+                consider_pruned_trials=True,
+            )
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     return _TuneGridSampler(space.grid(), seed=seed)

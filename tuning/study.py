@@ -341,17 +341,37 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
     data = prepare_data(plan.base, progress=opts.progress)
     _check_counts(plan.space, data.corpus.num_classes)
     parent = _open_parent(client, experiment_id, parent, name, plan, gpus, data)
+    try:
+        return _run_legs_and_finish(client, experiment_id, parent, name, tracking_uri, storage,
+                                    plan, runs, gpus, data, opts, session_started)
+    except StudyInterrupted:
+        raise
+    except BaseException as exc:
+        # Whatever stopped the study (Ctrl-C outside Tune, a failure between experiments or
+        # in the report): its trials and its run end, and a FINISHED study stays FINISHED.
+        tracking.close_interrupted_trial_runs(client, experiment_id, parent,
+                                              resume_command(opts, name, opts.trials))
+        if client.get_run(parent).info.status == "RUNNING":
+            tracking.log_study_wall(client, parent, session_started)
+            client.set_terminated(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+
+
+def _run_legs_and_finish(client: Any, experiment_id: str, parent: str, name: str,
+                         tracking_uri: str, storage: str, plan: StudyPlan,
+                         runs: list[tuple[Leg, str]], gpus: float, data: Any,
+                         opts: StudyOptions, session_started: float) -> dict[str, Any]:
     legs = list(plan.legs)
     total = (sum(x.trials for x in plan.legs)
-             + sum(leg.trials for leg, again in runs if not again)) * plan.repeats
-    for leg, resume in runs:
-        if not resume:  # recorded before it runs, so an interrupted extension resumes
+             + sum(leg.trials for leg, mode in runs if mode == "new")) * plan.repeats
+    for leg, mode in runs:
+        if mode == "new":  # recorded before it runs, so an interrupted extension resumes
             legs.append(leg)
             client.set_tag(parent, tracking.RAY_EXPERIMENTS_TAG,
                            json.dumps([vars(x) for x in legs]))
             client.set_tag(parent, tracking.TRIALS_TAG, str(sum(x.trials for x in legs)))
         _run_leg(client, experiment_id, parent, name, tracking_uri, storage, plan, legs, leg,
-                 resume, gpus, data, opts, session_started, total)
+                 mode, gpus, data, opts, total)
         if _finished(_all_statuses(storage, [leg])) < leg.trials * plan.repeats:
             break  # interrupted (Ctrl-C): no extension starts after it
 
@@ -360,13 +380,16 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
     wanted = sum(leg.trials for leg in legs) * plan.repeats
     finished = _finished(statuses)
     if finished < wanted:  # Ray's fit() returns normally after a Ctrl-C
-        tracking.close_interrupted_trial_runs(client, experiment_id, parent,
-                                              resume_command(opts, name))
+        # An extension asked for but not started yet (Ctrl-C while the study finished what
+        # it had) is not recorded: the command asks for it again.
+        pending = plan.trials > sum(leg.trials for leg in legs)
+        command = resume_command(opts, name, plan.trials if pending else None)
+        tracking.close_interrupted_trial_runs(client, experiment_id, parent, command)
         tracking.log_study_wall(client, parent, session_started)
         client.set_terminated(parent, "KILLED")
         raise StudyInterrupted(
             f"study {name!r} stopped with {finished} of {wanted} trials finished; "
-            f"continue it with: {resume_command(opts, name)}")
+            f"continue it with: {command}")
     _say(opts, f"study {name}: all trials done; writing the report"
          + (" and registering the best model" if opts.register else ""))
     return _finish(client, experiment_id, parent, name, plan, data, tracking_uri, opts,
@@ -381,34 +404,38 @@ def _say(opts: StudyOptions, line: str) -> None:
 
 
 def _legs_to_run(plan: StudyPlan, name: str, storage: str,
-                 status: str | None) -> list[tuple[Leg, bool]]:
-    """(Ray experiment, restore it?) in order: an interrupted study restores its last
-    experiment; a study asked for more trials than it has adds an extension experiment."""
+                 status: str | None) -> list[tuple[Leg, str]]:
+    """(Ray experiment, how) in order, how being "restore" (from Ray's saved state), "new"
+    (an experiment to add) or "again" (recorded, but stopped before Ray saved any state: it
+    starts over, its orphaned Optuna trials already failed). An interrupted study goes on
+    with its last experiment; a study asked for more trials than it has adds one."""
     from tuning import ray_tune
     from tuning.samplers import grid_size
 
-    runs: list[tuple[Leg, bool]] = []
     if not plan.legs:  # a new study: one experiment, named after it
         trials = plan.trials
         if plan.sampler == "grid":
             trials = min(trials, grid_size(plan.space))  # past the grid, Optuna repeats points
-        return [(Leg(name, trials), False)]
+        return [(Leg(name, trials), "new")]
+    runs: list[tuple[Leg, str]] = []
     if status != "FINISHED":  # interrupted (or killed outright): its last experiment goes on
         last = plan.legs[-1]
-        path = ray_tune.experiment_path(storage, last.name)
-        if not ray_tune.can_restore(path):
+        if ray_tune.can_restore(ray_tune.experiment_path(storage, last.name)):
+            runs.append((last, "restore"))
+        elif len(plan.legs) > 1:  # an extension stopped in its first seconds
+            runs.append((last, "again"))
+        else:
             raise HPNInputError(f"--resume: no saved Ray state for {name!r} under {storage}; "
                                 "pass the --storage-path the study ran with")
-        runs.append((last, True))
     more = plan.trials - sum(leg.trials for leg in plan.legs)
+    if more > 0 and plan.sampler == "grid":
+        left = grid_size(plan.space) - sum(leg.trials for leg in plan.legs)
+        if left <= 0 and not runs:
+            raise HPNInputError(f"--trials: the grid has {grid_size(plan.space)} cells and "
+                                f"study {name!r} has run them all; nothing to extend")
+        more = min(more, left)
     if more > 0:
-        if plan.sampler == "grid":
-            left = grid_size(plan.space) - sum(leg.trials for leg in plan.legs)
-            if left <= 0:
-                raise HPNInputError(f"--trials: the grid has {grid_size(plan.space)} cells and "
-                                    f"study {name!r} has run them all; nothing to extend")
-            more = min(more, left)
-        runs.append((Leg(f"{name}-x{len(plan.legs) + 1}", more), False))
+        runs.append((Leg(f"{name}-x{len(plan.legs) + 1}", more), "new"))
     return runs
 
 
@@ -432,7 +459,7 @@ def _open_parent(client: Any, experiment_id: str, parent: str | None, name: str,
         tracking.TRIALS_TAG: str(plan.trials), tracking.MAX_CONCURRENT_TAG: str(plan.max_concurrent),
         tracking.CPUS_PER_TRIAL_TAG: str(plan.cpus_per_trial), tracking.GPUS_PER_TRIAL_TAG: str(gpus),
         tracking.CODE_VERSION_TAG: tracking.code_version(),
-        tracking.COMMAND_TAG: " ".join(shlex.quote(a) for a in sys.argv),
+        tracking.COMMAND_TAG: " ".join(shlex.quote(optuna_store.redact(a)) for a in sys.argv),
         tracking.BASE_CONFIG_TAG: json.dumps(base.to_dict()),
         tracking.OPTUNA_STUDY_TAG: name,
         "mlflow.note.content": space.summary,
@@ -449,11 +476,10 @@ def _open_parent(client: Any, experiment_id: str, parent: str | None, name: str,
 
 
 def _run_leg(client: Any, experiment_id: str, parent: str, name: str, tracking_uri: str,
-             storage: str, plan: StudyPlan, legs: list[Leg], leg: Leg, resume: bool,
-             gpus: float, data: Any, opts: StudyOptions, session_started: float,
-             total: int) -> None:
-    """Run (or restore) one Ray experiment of the study. On an exception the parent run
-    is closed as KILLED (Ctrl-C) or FAILED, with this session's wall time."""
+             storage: str, plan: StudyPlan, legs: list[Leg], leg: Leg, mode: str,
+             gpus: float, data: Any, opts: StudyOptions, total: int) -> None:
+    """Run one Ray experiment of the study: restore it from Ray's saved state, or start it
+    (new, or again when it had not saved any state yet)."""
     from tuning import ray_tune
     from tuning.samplers import is_multi_objective, make_sampler
 
@@ -488,14 +514,10 @@ def _run_leg(client: Any, experiment_id: str, parent: str, name: str, tracking_u
                       enabled=opts.progress, **start),
         trial_offset=ctx.trial_offset)
     try:
-        ray_tune.run_tuner(plan.space.define_by_run(), sampler, data, ctx, settings, resume,
-                           progress)
-    except BaseException as exc:
+        ray_tune.run_tuner(plan.space.define_by_run(), sampler, data, ctx, settings,
+                           mode == "restore", progress)
+    except BaseException:
         progress.close()  # Tune closes it when the experiment ends, not when fit() raises
-        tracking.close_interrupted_trial_runs(client, experiment_id, parent,
-                                              resume_command(opts, name))
-        tracking.log_study_wall(client, parent, session_started)
-        client.set_terminated(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     finally:
         if plan.optuna_storage:
@@ -583,14 +605,18 @@ def _finish(client: Any, experiment_id: str, parent: str, name: str, plan: Study
     return summary
 
 
-def resume_command(opts: StudyOptions, name: str) -> str:
+def resume_command(opts: StudyOptions, name: str, extend_to: int | None = None) -> str:
     """The command that continues this study, with whatever locates it (store, experiment,
-    Ray state, cluster); the study's own settings are recorded and need no flags."""
+    Ray state, cluster, Optuna storage; passwords shown as ***) and `--trials` when an
+    extension asked for was not recorded yet; the study's own settings need no flags."""
     words = ["hpn-tune", "run", "--name", name, "--resume"]
+    if extend_to is not None:
+        words += ["--trials", str(extend_to)]
     for flag, value in (("--tracking-uri", opts.tracking_uri),
                         ("--experiment", None if opts.experiment == DEFAULT_EXPERIMENT else opts.experiment),
                         ("--storage-path", opts.storage_path),
-                        ("--optuna-storage", opts.optuna_storage), ("--address", opts.address)):
+                        ("--optuna-storage", opts.optuna_storage and optuna_store.redact(opts.optuna_storage)),
+                        ("--address", opts.address)):
         if value:
             words += [flag, value]
     return " ".join(shlex.quote(w) for w in words)

@@ -83,3 +83,45 @@ def test_storage_urls_are_resolved_and_printed_without_a_password(tmp_path, monk
         resolve_storage("optuna.db", "")
     with pytest.raises(HPNInputError, match="--optuna-storage: folder .* does not exist"):
         open_storage(f"sqlite:///{tmp_path}/missing/optuna.db")
+
+
+def test_a_multi_objective_trial_without_every_objective_is_failed_not_left_running(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    search = StudySearch(space=_space, metric=[M.VAL_ACCURACY, M.PEAK_VRAM_MB], mode=["max", "min"],
+                         storage=open_storage(url), study_name="s")
+    search.suggest("a")
+    search.on_trial_complete("a", {M.VAL_ACCURACY: 0.8, M.EPOCH: 3, DONE_KEY: True})  # no VRAM
+    assert [t.state.name for t in _trials(url).values()] == ["FAIL"]
+
+
+def test_redacted_urls_keep_everything_but_the_password():
+    assert redact("postgresql://u:a/b@h/db") == "postgresql://u:***@h/db"
+    assert redact("postgresql://u@h/db?password=pw&x=1") == "postgresql://u@h/db?password=***&x=1"
+    assert redact("http://user:secret@host:5000") == "http://user:***@host:5000"
+    assert redact("--trials") == "--trials" and redact("sqlite:////tmp/o.db") == "sqlite:////tmp/o.db"
+
+
+def test_the_resume_command_locates_the_study_without_its_password():
+    from tuning.study import StudyOptions, resume_command
+
+    opts = StudyOptions(name="s", optuna_storage="postgresql://hpn:s3cret@db/optuna",
+                        storage_path="/shared/ray")
+    assert resume_command(opts, "s", extend_to=20) == (
+        "hpn-tune run --name s --resume --trials 20 --storage-path /shared/ray "
+        "--optuna-storage 'postgresql://hpn:***@db/optuna'")
+
+
+def test_an_extension_stopped_before_ray_saved_anything_starts_over(tmp_path):
+    from hpn.errors import HPNInputError
+    from tuning.study import Leg, StudyPlan, _legs_to_run
+
+    def plan(*legs: Leg, trials: int) -> StudyPlan:
+        return StudyPlan(None, None, "tpe", "fifo", 0, 1, trials, 1, 1.0, None, None, legs)
+
+    legs = (Leg("s", 3), Leg("s-x2", 2))
+    assert _legs_to_run(plan(*legs, trials=5), "s", str(tmp_path), "KILLED") == [(legs[1], "again")]
+    assert _legs_to_run(plan(*legs, trials=7), "s", str(tmp_path), "KILLED") == [
+        (legs[1], "again"), (Leg("s-x3", 2), "new")]
+    assert _legs_to_run(plan(*legs, trials=5), "s", str(tmp_path), "FINISHED") == []
+    with pytest.raises(HPNInputError, match="--resume: no saved Ray state for 's'"):
+        _legs_to_run(plan(legs[0], trials=3), "s", str(tmp_path), "KILLED")
