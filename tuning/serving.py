@@ -109,7 +109,7 @@ def ui(tracking_uri: str | None, port: int, host: str = "127.0.0.1",
 def dashboard(optuna_storage: str | None, tracking_uri: str | None, study: str | None,
               port: int, host: str = "127.0.0.1", experiment: str = "hpn-tune") -> None:
     """optuna-dashboard on the studies' Optuna storage, in this process (a storage URL with
-    a password never appears on a command line). Which storage: --optuna-storage, else the
+    a password is never handed to another process's command line). Which storage: --optuna-storage, else the
     one --study recorded, else the default beside the MLflow store."""
     from optuna_dashboard import run_server
 
@@ -137,7 +137,8 @@ def dashboard(optuna_storage: str | None, tracking_uri: str | None, study: str |
 
 
 def _study_storage(tracking_uri: str, experiment: str, study: str) -> str | None:
-    """The Optuna storage a study recorded (None when it recorded none, or needs a password)."""
+    """The Optuna storage a study recorded: None when it recorded none (or there is no store
+    yet); refused in one line when its URL needs a password the tag does not hold."""
     from mlflow.tracking import MlflowClient
 
     from tuning.tracking import OPTUNA_STORAGE_TAG, find_study_run
