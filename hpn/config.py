@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -137,14 +138,14 @@ def known_keys() -> list[str]:
     return sorted(Config().to_flat())
 
 
-def _field_type(section: Any, name: str) -> type:
-    default = getattr(section, name)
-    return type(default) if default is not None else str
-
-
-def _coerce(key: str, value: Any, kind: type) -> Any:
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """`value` as the type of the field's default (a None default takes text or None)."""
+    kind = type(default) if default is not None else str
     if value is None:
-        return None
+        if default is None:
+            return None
+        raise ConfigError(f"{key}: needs a value, got null; give one or drop the key "
+                          "for its default")
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -154,22 +155,43 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
         if text in ("false", "0", "no", "off"):
             return False
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if kind is int:
-        if isinstance(value, bool):
+    if kind in (int, float):
+        number = _number(value)
+        what = "an integer" if kind is int else "a number"
+        if number is None:
+            raise ConfigError(f"{key}: expected {what}, got {value!r}")
+        if kind is float:
+            try:
+                number = float(number)
+            except OverflowError:  # an int past float's range
+                number = math.inf
+        if isinstance(number, float) and not math.isfinite(number):
+            # inf and nan would pass every bound in validate (nan <= 0 is False)
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}; give {what} "
+                              f"(its default is {default})")
+        if isinstance(number, float) and kind is int and not number.is_integer():
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        try:
-            as_float = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if not as_float.is_integer():
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return int(as_float)
-    if kind is float:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        return kind(number)
     return str(value)
+
+
+def _number(value: Any) -> int | float | None:
+    """An int or float from a number or its text ("1e-3", which YAML 1.1 reads as text);
+    None for anything else, a bool included. Ints stay exact: a seed past 2**53 would not
+    survive float()."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _set(cfg: Config, key: str, value: Any) -> None:
@@ -179,7 +201,7 @@ def _set(cfg: Config, key: str, value: Any) -> None:
         close = difflib.get_close_matches(key, known_keys(), n=1)
         hint = f"did you mean {close[0]!r}?" if close else "see README's config key table"
         raise ConfigError(f"unknown config key {key!r}; {hint}")
-    setattr(section, name, _coerce(key, value, _field_type(type(section)(), name)))
+    setattr(section, name, _coerce(key, value, getattr(type(section)(), name)))
 
 
 def from_dict(tree: dict[str, Any]) -> Config:
@@ -272,6 +294,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.val_fraction + data.test_fraction: must be < 0.9 to leave a training split")
     if flat["data.noise"] >= 1:
         raise ConfigError(f"data.noise: must be < 1, got {flat['data.noise']!r}")
+    if flat["train.momentum"] >= 1:
+        raise ConfigError(f"train.momentum: must be < 1 (SGD's steps grow without bound), "
+                          f"got {flat['train.momentum']!r}")
+    for key in ("data.seed", "train.seed"):  # the study's --seed range (torch's ends at 2**64)
+        if flat[key] >= 2**32:
+            raise ConfigError(f"{key}: must be between 0 and 2**32 - 1, got {flat[key]}")
     if flat["model.prototype_count"] > 0 and flat["model.prototypes_per_class"] != 1:
         raise ConfigError(
             "model.prototype_count: set either the total count or model.prototypes_per_class, "

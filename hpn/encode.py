@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
+from hpn import cache_files
 from hpn.config import DEFAULT_ENCODER, EncoderConfig
-from hpn.errors import ConfigError
+from hpn.errors import ConfigError, DataError
 
 
 def resolve_encoder(name: str) -> str:
@@ -121,7 +121,52 @@ def cache_key(cfg: EncoderConfig, texts: Iterable[str]) -> str:
 
 
 def cache_path(cfg: EncoderConfig, texts: list[str]) -> Path:
-    return Path(cfg.cache_dir) / "embeddings" / f"{cache_key(cfg, texts)}.npy"
+    return Path(cfg.cache_dir) / "embeddings" / f"{cache_key(cfg, texts)}{cache_files.SUFFIX}"
+
+
+def encoder_width(name: str) -> int | None:
+    """The encoder's output width from its config.json alone, None when that is not on disk.
+
+    Read without weights or a transformers import (milliseconds), so every training run can
+    check cached embeddings against the encoder a prediction will run.
+    """
+    config = Path(resolve_encoder(name)) / "config.json"
+    try:
+        if not config.is_file():  # a hub id: its config in the local Hugging Face cache
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(name, "config.json")
+            if not isinstance(found, str):
+                return None
+            config = Path(found)
+        values = json.loads(config.read_text())
+    except (ImportError, OSError, ValueError):  # ValueError: not a valid hub id, or bad JSON
+        return None
+    # BERT-likes say hidden_size; DistilBERT says dim (transformers maps one to the other).
+    width = values.get("hidden_size", values.get("dim"))
+    return width if isinstance(width, int) else None
+
+
+def check_embeddings(
+    vectors: np.ndarray, rows: int, cfg: EncoderConfig, width: int | None = None
+) -> None:
+    """Refuse embeddings a head must not train on: wrong shape or width, NaN or inf.
+
+    Either trains silently to near-chance accuracy; a wrong width also gives a model whose
+    every prediction (which runs the real encoder) fails with a shape error. `width` is the
+    encoder's when known, else read from its config.
+    """
+    width = width or encoder_width(cfg.name)
+    if vectors.ndim != 2 or vectors.shape[0] != rows:
+        raise DataError(f"embeddings: shape {vectors.shape} does not fit {rows} texts; "
+                        f"expected ({rows}, {width or 'width'})")
+    if width is not None and vectors.shape[1] != width:
+        raise DataError(f"embeddings: width {vectors.shape[1]} does not match encoder.name "
+                        f"{cfg.name!r}, whose width is {width}")
+    bad = int((~np.isfinite(vectors).all(axis=1)).sum())
+    if bad:
+        raise DataError(f"embeddings: {bad} of {rows} rows hold NaN or inf values from "
+                        f"encoder.name {cfg.name!r}; refusing to train on them")
 
 
 @torch.inference_mode()
@@ -149,15 +194,21 @@ def embed(
 def encode_texts(
     texts: list[str], cfg: EncoderConfig, device: torch.device | None = None, progress: bool = False
 ) -> np.ndarray:
-    """(n, width) float32 embeddings, from the disk cache when this exact input was seen."""
+    """(n, width) float32 embeddings, from the disk cache when this exact input was seen.
+
+    The cache file checks itself (hpn/cache_files.py): a file that is unreadable, of another
+    shape or encoder width, changed since written, or not finite is rebuilt with a warning.
+    """
     path = cache_path(cfg, texts)
-    if path.is_file():
-        return np.load(path)
+    key = path.name.removesuffix(cache_files.SUFFIX)
+    encoder_id = [cfg.name, cfg.pooling, cfg.max_length]
+    cached = cache_files.load(path, (len(texts), encoder_width(cfg.name)),
+                              fields={"key": key, "encoder": encoder_id})
+    if cached is not None:
+        return cached
     device = device or pick_device()
     encoder = TextEncoder(cfg.name, cfg.pooling, cfg.max_length)
     vectors = embed(encoder, texts, cfg.batch_size, device, progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-    np.save(tmp, vectors)
-    os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    check_embeddings(vectors, len(texts), cfg, encoder.width)  # fp16 overflow: never cache it
+    cache_files.save(path, vectors, key=key, encoder=encoder_id)
     return vectors

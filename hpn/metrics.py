@@ -18,6 +18,12 @@ PEAK_RSS_MB = "peak_rss_mb"
 #: The trial process's whole device footprint as nvidia-smi shows it (CUDA context included).
 PEAK_VRAM_PROCESS_MB = "peak_vram_process_mb"
 MAJORITY_BASELINE_ACCURACY = "majority_baseline_accuracy"
+#: The training split's most frequent class scored on the validation split: the trivial
+#: baseline the registry's check compares val_accuracy against (never the test split).
+VAL_MAJORITY_BASELINE_ACCURACY = "val_majority_baseline_accuracy"
+#: How far (accuracy points) val_accuracy must beat that baseline for a model to be
+#: registered or promoted: a diverged trial sits at or below it, a trained one far above.
+DEFAULT_BASELINE_MARGIN = 0.02
 #: How many prototypes the model has (the total, whichever way the config gave it).
 NUM_PROTOTYPES = "num_prototypes"
 EPOCH = "epoch"
@@ -41,5 +47,6 @@ FINAL_METRICS = (
     RUNTIME_S,
     TRAIN_SAMPLES_PER_S,
     MAJORITY_BASELINE_ACCURACY,
+    VAL_MAJORITY_BASELINE_ACCURACY,
     NUM_PROTOTYPES,
 )

@@ -20,14 +20,14 @@ degrees above the paper's subgradient method (e.g. 100 prototypes in 10 dims: ~7
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hpn import cache_files
 from hpn.errors import ConfigError
 
 __all__ = ["NO_CLASS", "fixed_prototypes", "group_ids", "prototype_classes", "separation",
@@ -113,18 +113,23 @@ def separation_loss(prototypes: torch.Tensor, groups: torch.Tensor | None = None
 def fixed_prototypes(
     count: int, dim: int, seed: int = 0, cache_dir: str | Path | None = None
 ) -> np.ndarray:
-    """(count, dim) float32 unit vectors placed to minimise the largest pairwise cosine."""
+    """(count, dim) float32 unit vectors placed to minimise the largest pairwise cosine.
+
+    With a cache_dir the result is cached per (count, dim, seed) in a file that checks itself
+    (hpn/cache_files.py); beyond the checksum, the rows must be unit vectors no worse
+    separated than when written, so a file of ones or zeros is rebuilt, not trained on.
+    """
     if dim < 2:
         raise ConfigError(f"model.prototype_dim must be >= 2, got {dim}")
     if count < 1:
         raise ConfigError(f"prototype count must be >= 1, got count={count}")
     path = None
     if cache_dir is not None:
-        path = Path(cache_dir) / "prototypes" / f"count{count}_dim{dim}_seed{seed}.npy"
-        if path.exists():
-            cached = np.load(path)
-            if cached.shape == (count, dim):
-                return cached.astype(np.float32)
+        name = f"count{count}_dim{dim}_seed{seed}{cache_files.SUFFIX}"
+        path = Path(cache_dir) / "prototypes" / name
+        cached = cache_files.load(path, (count, dim), fields={"seed": seed}, check=_check_cached)
+        if cached is not None:
+            return cached
     rng = np.random.default_rng(seed)
     if count <= 2 * dim or dim == 2:
         # Closed-form optimum; the random rotation keeps seeds distinct without changing angles.
@@ -140,8 +145,22 @@ def fixed_prototypes(
         points = _optimise(count, dim, seed)
     points = (points / np.linalg.norm(points, axis=1, keepdims=True)).astype(np.float32)
     if path is not None:
-        _save_atomically(path, points)
+        cache_files.save(path, points, seed=seed, max_cosine=separation(points)["max_cosine"])
     return points
+
+
+def _check_cached(points: np.ndarray, header: dict[str, Any]) -> str | None:
+    """Why cached prototypes are unusable (not unit vectors, or worse separated than recorded)."""
+    norms = np.linalg.norm(points.astype(np.float64), axis=1)
+    if np.abs(norms - 1.0).max() > 1e-4:
+        return f"rows are not unit vectors (norms {norms.min():.3g} to {norms.max():.3g})"
+    recorded = header.get("max_cosine")
+    if not isinstance(recorded, (int, float)):
+        return "header records no max_cosine"
+    worst = separation(points)["max_cosine"]
+    if worst > recorded + 1e-6:
+        return f"max pairwise cosine {worst:.4f} is worse than the recorded {recorded:.4f}"
+    return None
 
 
 def _simplex(count: int, dim: int) -> np.ndarray:
@@ -234,16 +253,3 @@ def _penalty_descent(
         excess = torch.relu(u @ u.transpose(1, 2) - eye - target)
         u = _tangent_step(u, 2.0 * excess @ u, velocity, lr)
     return u
-
-
-def _save_atomically(path: Path, points: np.ndarray) -> None:
-    # Parallel trials may build the same file; write-then-rename means no reader sees half of it.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, points)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from hpn import metrics as M
 from hpn.config import Config
 from hpn.data import Corpus, Split, load_corpus
-from hpn.encode import TextEncoder, encode_texts, pick_device
+from hpn.encode import TextEncoder, check_embeddings, encode_texts, pick_device
 from hpn.memory import PeakMemory
 from hpn.model import HPNClassifier, PrototypeHead, head_classes, initial_prototypes
 from hpn.prototypes import separation, separation_loss
@@ -171,6 +171,9 @@ def _train(
         if data.features is None:
             data = PreparedData(data.corpus, data.split, encode_texts(
                 data.corpus.texts, cfg.encoder, device))
+        # Features may come from outside (a study's object store, a benchmark): a wrong width
+        # or a NaN would train to chance and then fail every prediction, so refuse them here.
+        check_embeddings(data.features, len(corpus.texts), cfg.encoder)
         in_dim = data.features.shape[1]
     protos = initial_prototypes(corpus.num_classes, cfg.model, cfg.train.seed, cfg.encoder.cache_dir)
     head = PrototypeHead(in_dim, corpus.num_classes, cfg.model, protos)
@@ -272,6 +275,7 @@ def _train(
         M.TEST_ACCURACY: test_acc,
         M.TEST_MACRO_F1: _macro_f1(corpus.labels[split.test], test_pred, corpus.num_classes),
         M.MAJORITY_BASELINE_ACCURACY: float(np.mean(corpus.labels[split.test] == majority)),
+        M.VAL_MAJORITY_BASELINE_ACCURACY: float(np.mean(corpus.labels[split.val] == majority)),
         M.NUM_PROTOTYPES: float(len(head.groups)),
         M.RUNTIME_S: time.perf_counter() - started,
         M.TRAIN_SAMPLES_PER_S: seen / train_time if train_time > 0 else math.nan,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from hpn import cache_files, prototypes
 from hpn.errors import ConfigError
 from hpn.prototypes import fixed_prototypes, group_ids, separation, separation_loss
 
@@ -95,15 +96,16 @@ def test_the_same_seed_gives_the_same_prototypes_and_another_seed_does_not() -> 
         assert not np.allclose(a, fixed_prototypes(count, dim, seed=8))
 
 
-def test_the_cache_file_is_written_and_reused(tmp_path) -> None:
+def test_the_cache_file_is_written_and_reused(tmp_path, monkeypatch) -> None:
     p = fixed_prototypes(20, 6, seed=2, cache_dir=tmp_path)
-    path = tmp_path / "prototypes" / "count20_dim6_seed2.npy"
-    np.testing.assert_array_equal(np.load(path), p)
-    sentinel = np.eye(20, 6, dtype=np.float32)
-    np.save(path, sentinel)  # a later call must read the file, not recompute
-    np.testing.assert_array_equal(
-        fixed_prototypes(20, 6, seed=2, cache_dir=str(tmp_path)), sentinel
-    )
+    path = tmp_path / "prototypes" / "count20_dim6_seed2.npyh"
+    np.testing.assert_array_equal(cache_files.load(path, (20, 6)), p)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("recomputed although the prototypes are cached")
+
+    monkeypatch.setattr(prototypes, "_optimise", refuse)  # a later call must read the file
+    np.testing.assert_array_equal(fixed_prototypes(20, 6, seed=2, cache_dir=str(tmp_path)), p)
     assert list((tmp_path / "prototypes").iterdir()) == [path]  # no temporary files left behind
 
 

@@ -205,6 +205,38 @@ BAD_SPACES = [
      ["train.epochs", "must be >= 1", "constant"]),
     ("train.lr: {type: float, low: 0.01, high: 0.1}\nmodel.prototype_mode: [fixed, learned]\n",
      ["model.prototype_mode", "type: categorical"]),
+    # non-finite numbers: nan passes every comparison, and inf overflowed only once Ray ran
+    ("train.lr: {type: float, low: .inf, high: .inf}\n",
+     ["train.lr: low is .inf; bounds must be finite numbers"]),
+    ("train.lr: {type: float, low: -.inf, high: 0.5}\n", ["train.lr: low is -.inf"]),
+    ("train.lr: {type: float, low: .nan, high: 0.5}\n", ["train.lr: low is .nan"]),
+    ("train.lr: {type: float, low: 0.01, high: .inf, log: true}\n", ["train.lr: high is .inf"]),
+    ("train.lr: {type: float, low: 0.01, high: 1e400}\n", ["train.lr: high is .inf"]),
+    ("model.prototype_dim: {type: int, low: 8, high: .inf}\n",
+     ["model.prototype_dim: high is .inf", "finite"]),
+    ("model.prototype_dim: {type: int, low: 8, high: 1" + "0" * 400 + "}\n",
+     ["model.prototype_dim: high is an integer of 401 digits", "finite"]),
+    ("train.lr: {type: float, low: 0.1, high: 0.5, step: .nan}\n",
+     ["train.lr: step is .nan; step must be a finite number > 0"]),
+    ("train.lr: {type: float, low: 0.1, high: 0.5, step: .inf}\n", ["train.lr: step is .inf"]),
+    ("train.lr: {type: categorical, choices: [0.1, .nan]}\n",
+     ["train.lr: choice .nan is not a finite number"]),
+    ("model.prototype_dim: {type: categorical, choices: [32, .inf]}\n",
+     ["model.prototype_dim: choice .inf"]),
+    ("train.lr: {type: float, low: 0.01, high: 0.1}\ntrain.momentum: .nan\n",
+     ["train.momentum: must be a finite number", "constant"]),
+    # the other numeric traps of a range
+    ("train.lr: {type: float, low: -0.1, high: 0.1}\n", ["train.lr", "low -0.1", "> 0"]),
+    ("train.lr: {type: float, low: -1, high: 0.1, log: true}\n", ["train.lr", "low > 0"]),
+    ("train.lr: {type: float, low: 0.1, high: 0.5, step: 0}\n", ["train.lr", "step must be > 0"]),
+    ("train.lr: {type: float, low: 0.1, high: 0.2, step: 0.5}\n",
+     ["train.lr", "step (0.5) is wider than the range"]),
+    ("model.prototype_dim: {type: int, low: 8, high: 64, step: 0.5}\n",
+     ["model.prototype_dim", "step must be an integer"]),
+    ("model.prototype_dim: {type: int, low: 8, high: 64.5}\n",
+     ["model.prototype_dim", "high must be an integer"]),
+    ("train.lr: {type: float, low: 0.01, high: 0.1}\ntrain.momentum: 1\n",
+     ["train.momentum", "must be < 1", "constant"]),
 ]
 
 
@@ -218,3 +250,9 @@ def test_a_bad_space_fails_with_one_line_naming_the_file_the_key_and_the_fix(tmp
     assert str(path) in message
     for word in words:
         assert word in message
+
+
+def test_an_exponent_without_a_dot_is_a_number_though_yaml_reads_it_as_text(tmp_path):
+    text = "train.lr: {type: float, low: 1e-3, high: 1e-1, log: true}\n"
+    space = load_space(write(tmp_path, text))
+    assert (space.params[0].low, space.params[0].high) == (1e-3, 1e-1)

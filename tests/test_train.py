@@ -112,6 +112,6 @@ def test_a_non_finite_loss_stops_the_run_with_a_clear_error(small_config):
 
     data = prepare_data(small_config)
     broken = data.features.copy()
-    broken[data.split.train[:5]] = np.nan  # e.g. a corrupted embedding cache
+    broken[data.split.train[:5]] = 3e38  # finite, but overflows the projection: the loss turns NaN
     with pytest.raises(NonFiniteLossError, match="train.lr"):
         train(small_config, PreparedData(data.corpus, data.split, broken))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,6 +182,31 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _number(v: Any) -> Any:
+    """A bound as a number: YAML 1.1 reads `1e-3` (no dot) as text; anything else as given."""
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            pass
+    return v
+
+
+def _finite(v: float) -> bool:
+    """Not inf or nan, nor an int past float's range (Optuna keeps every value as a float)."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+def _yaml(v: float) -> str:
+    """A non-finite value as a YAML file spells it."""
+    if isinstance(v, int):
+        return f"an integer of {len(str(v))} digits"
+    return ".nan" if math.isnan(v) else ".inf" if v > 0 else "-.inf"
+
+
 def _param(fail: Callable, key: str, spec: dict, earlier: list[ParamSpec]) -> ParamSpec:
     kind = spec.get("type")
     if kind not in _FIELDS:
@@ -198,6 +224,10 @@ def _param(fail: Callable, key: str, spec: dict, earlier: list[ParamSpec]) -> Pa
         plain = all(isinstance(c, (str, int, float, bool)) for c in choices)
         if not plain or len(set(choices)) != len(choices):
             raise fail(f"{key}: choices must be distinct strings or numbers, got {choices}")
+        for c in choices:
+            if _is_number(c) and not _finite(c):
+                raise fail(f"{key}: choice {_yaml(c)} is not a finite number; choices must be "
+                           "finite numbers or strings")
         return ParamSpec(key, kind, choices=tuple(choices), when=when)
 
     default = Config().to_flat()[key]
@@ -205,12 +235,17 @@ def _param(fail: Callable, key: str, spec: dict, earlier: list[ParamSpec]) -> Pa
         raise fail(f"{key} is not a number; search it with type: categorical")
     if isinstance(default, int) and kind == "float":
         raise fail(f"{key} is an integer setting; use type: int")
-    low, high, step, log = (spec.get(f) for f in ("low", "high", "step", "log"))
+    low, high, step = (_number(spec.get(f)) for f in ("low", "high", "step"))
+    log = spec.get("log")
     log = bool(log) if log is None else log
     for name, v in (("low", low), ("high", high), ("step", step)):
         if (v is not None or name != "step") and not _is_number(v):
-            raise fail(f"{key}: {name} must be a number, got {v!r}")
-        if kind == "int" and v is not None and not float(v).is_integer():
+            raise fail(f"{key}: {name} must be a number, got {spec.get(name)!r}")
+        if v is not None and not _finite(v):  # nan passes every comparison below
+            rule = "step must be a finite number > 0" if name == "step" else \
+                "bounds must be finite numbers"
+            raise fail(f"{key}: {name} is {_yaml(v)}; {rule}")
+        if kind == "int" and isinstance(v, float) and not v.is_integer():
             raise fail(f"{key}: {name} must be an integer for type int, got {v!r}")
     for failed, msg in (
         (low >= high, f"low ({low}) must be < high ({high}); widen it or make the key a constant"),
@@ -218,6 +253,8 @@ def _param(fail: Callable, key: str, spec: dict, earlier: list[ParamSpec]) -> Pa
         (log is True and low <= 0, f"a log range needs low > 0, got {low}; raise low or drop log"),
         (step is not None and step <= 0, f"step must be > 0, got {step}"),
         (step is not None and log is True, "step and log: true cannot be combined; drop one"),
+        (step is not None and step > high - low, (f"step ({step}) is wider than the range "
+         f"{low}..{high}; only low would be tried, so shrink step or make the key a constant")),
     ):
         if failed:
             raise fail(f"{key}: {msg}")
