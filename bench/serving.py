@@ -3,8 +3,10 @@
 Self-contained: trains a small HPN on the synthetic corpus, logs it as our pyfunc to a
 temporary SQLite store, registers and promotes it, then times three paths on the same texts:
 
-  (a) pyfunc   `mlflow.pyfunc.load_model("models:/<name>@champion").predict(frame)`
-  (b) HTTP     `hpn-tune serve` (MLflow's scoring server), POST /invocations over keep-alive
+  (a) pyfunc   `tuning.serving.load_model("models:/<name>@champion", uri).predict(frame)`
+               (the verified loader every hpn-tune command uses; a PyFuncModel)
+  (b) HTTP     `hpn-tune serve` (MLflow's scoring app in-process on that model, behind the
+               body cap and text check), POST /invocations over keep-alive
   (c) bare     the same encoder as plain `transformers.AutoModel` + mean pooling +
                an (untrained) `torch.nn.Linear`: the floor any text classifier on this
                encoder pays, so (a) - (c) is our overhead and (b) - (a) the server's.
@@ -78,11 +80,9 @@ def make_champion(workdir: Path) -> tuple[str, list[str], int]:
 # -- the three paths -------------------------------------------------------------------------
 
 def pyfunc_path(uri: str) -> Predict:
-    import mlflow
+    from tuning.serving import load_model
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
+    model = load_model(f"models:/{MODEL_NAME}@champion", uri)
     return lambda texts: model.predict(pd.DataFrame({"text": texts}))["label"].tolist()
 
 
@@ -105,7 +105,7 @@ def bare_path(num_classes: int) -> Predict:
 
 
 class Server:
-    """`hpn-tune serve` in its own process group, so stopping it ends MLflow's workers too."""
+    """`hpn-tune serve` in its own process group, so stopping it ends anything it started."""
 
     def __init__(self, uri: str, port: int, log: Path) -> None:
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -135,8 +135,6 @@ def test_run_with_a_non_finite_space_bound_exits_2_with_one_line_naming_file_and
     assert err.strip().splitlines() == [line]
 
 
-@pytest.mark.xfail(strict=True, reason="tuning/study.py opens the MLflow store before it loads "
-                   "the space (_new_plan); load the space first, then drop this mark")
 def test_run_with_a_bad_space_makes_no_mlflow_store_and_starts_no_ray(
         monkeypatch, capsys, tmp_path):
     code, _, err = _bad_space_run(monkeypatch, capsys, tmp_path)

@@ -12,9 +12,14 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from hpn import metrics as M
 from hpn.errors import HPNInputError
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
+BASELINE_MARGIN_HELP = (
+    "{what} only if its val_accuracy beats val_majority_baseline_accuracy (always answering the "
+    "training split's most frequent class, scored on the validation split) by more than M "
+    "accuracy points, and it loads and predicts in a fresh process (default %(default)s)")
 
 
 def _print_table(rows: dict[str, Any]) -> None:
@@ -103,7 +108,12 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
         optuna_storage=args.optuna_storage, verbose=args.verbose,
         repeats=args.repeats,
         register=not args.no_register, model_name=args.model_name, progress=not args.json,
+        baseline_margin=args.baseline_margin,
     )
+    if opts.register:
+        from tuning.registry import check_margin
+
+        check_margin(opts.baseline_margin)  # before the study, not after its last trial
     summary = run_study(opts)
     print(f"study {summary['study']}: {summary['trials_completed']} completed, "
           f"{summary['trials_pruned']} pruned, {summary['trials_errored']} errored "
@@ -117,23 +127,37 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
         what = "registered as" if summary.get("registered_new") else "the best trial is already"
         print(f"{what} {opts.model_name} version {summary['registered_version']}; "
               f"promote it with: hpn-tune promote --study {summary['study']}")
+    elif summary.get("registration_refused"):
+        print(summary["registration_refused"])  # "run <id> not registered: <why>"
+    if summary.get("delivered_after_outage"):
+        print(f"{summary['delivered_after_outage']} trial runs were completed late, from the "
+              "study's outbox: the MLflow server did not answer when they ended")
     print(f"browse it: hpn-tune ui --tracking-uri {summary['tracking_uri']}")
     return summary
 
 
 def _client(tracking_uri: str | None) -> Any:
+    """A client on an existing store: MLflow would create an empty SQLite database for a
+    mistyped path, and a command that only reads must not leave one behind."""
     from mlflow.tracking import MlflowClient
 
-    from tuning.tracking import resolve_tracking_uri
+    from tuning.tracking import bound_http_retries, check_server, resolve_tracking_uri
 
-    return MlflowClient(resolve_tracking_uri(tracking_uri), resolve_tracking_uri(tracking_uri))
+    uri = resolve_tracking_uri(tracking_uri)
+    bound_http_retries()
+    check_server(uri)  # seconds, not MLflow's minutes of retries
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):].split("?")[0]).is_file():
+        raise HPNInputError(f"--tracking-uri: no MLflow store at {uri} (the file does not exist); "
+                            "give the store your studies logged to")
+    return MlflowClient(uri, uri)
 
 
 def cmd_promote(args: argparse.Namespace) -> dict[str, Any]:
     from tuning.registry import promote
 
     result = promote(_client(args.tracking_uri), args.model_name, study=args.study,
-                     run_id=args.run_id, metric=args.metric, force=args.force)
+                     run_id=args.run_id, metric=args.metric, force=args.force,
+                     margin=args.baseline_margin)
     if result["promoted"]:
         def test(value: float | None) -> str:
             return f", test_accuracy {value:.4f}" if value is not None else ""
@@ -165,7 +189,7 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     from tuning.serving import serve
 
-    serve(args.model, args.port, args.tracking_uri, args.host)
+    serve(args.model, args.port, args.tracking_uri, args.host, args.max_body_mb)
     return {}
 
 
@@ -374,7 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "study's own)")
     p.add_argument("--config", help="YAML config file with the fixed keys")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--name", help="study name (needed for --resume)")
+    p.add_argument("--name", help="study name (needed for --resume): letters, digits, '.', '_' "
+                   "and '-', starting with a letter or digit, at most 100 characters "
+                   "(default study-<date>-<time>)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
     p.add_argument("--experiment", default="hpn-tune", help="MLflow experiment")
     p.add_argument("--gpus-per-trial", type=float, help="GPU fraction per trial (default 0.25 with a GPU)")
@@ -397,34 +423,45 @@ def build_parser() -> argparse.ArgumentParser:
                    "sees their mean and each repeat is its own MLflow run (default 1)")
     p.add_argument("--model-name", default="hpn-persona", help="registered model for the best trial")
     p.add_argument("--no-register", action="store_true", help="do not register the best model")
+    p.add_argument("--baseline-margin", type=float, default=M.DEFAULT_BASELINE_MARGIN, metavar="M",
+                   help=BASELINE_MARGIN_HELP.format(what="register the best trial's model"))
     p.add_argument("-v", "--verbose", action="store_true",
                    help="print a line for each finished trial above the live progress line")
 
     p = add("promote", cmd_promote, "move the champion alias to a better version")
-    p.add_argument("--study")
-    p.add_argument("--run-id")
+    p.add_argument("--study", help="promote the newest version from this study")
+    p.add_argument("--run-id", help="promote this trial run's model (registered first if need "
+                   "be); not a study's own run, which holds no model")
     p.add_argument("--model-name", default="hpn-persona")
     p.add_argument("--metric", default="val_accuracy",
-                   help="validation metric the gate compares (default val_accuracy); test "
-                   "accuracy is printed beside it, never used to choose")
-    p.add_argument("--force", action="store_true", help="promote even if it is not better")
-    p.add_argument("--tracking-uri")
+                   help="a trial's validation metric the gate compares (default val_accuracy); "
+                   "test accuracy is printed beside it, never used to choose")
+    p.add_argument("--force", action="store_true", help="promote even if it is not better than "
+                   "the champion (it must still pass the registration check)")
+    p.add_argument("--baseline-margin", type=float, default=M.DEFAULT_BASELINE_MARGIN, metavar="M",
+                   help=BASELINE_MARGIN_HELP.format(what="promote (or register) a model"))
+    p.add_argument("--tracking-uri", help="MLflow store holding the registry (an existing one)")
 
     p = add("rollback", cmd_rollback, "move champion back to the previous version")
     p.add_argument("--model-name", default="hpn-persona")
-    p.add_argument("--tracking-uri")
+    p.add_argument("--tracking-uri", help="MLflow store holding the registry (an existing one)")
 
     p = add("predict", cmd_predict, "classify persona texts with a logged or registered model")
     p.add_argument("--model", required=True, help="e.g. models:/hpn-persona@champion or runs:/ID/model")
     p.add_argument("texts", nargs="*", help="texts to classify")
-    p.add_argument("--input", help="JSONL, CSV or text file (one text per line)")
+    p.add_argument("--input", help="UTF-8 JSON array (of texts, or objects with `text`), JSONL, "
+                   "CSV (column `text`) or text file (one text per line)")
     p.add_argument("--output", help="write predictions to a .jsonl or .csv file")
     p.add_argument("--tracking-uri")
 
-    p = add("serve", cmd_serve, "serve a model over HTTP with MLflow's scoring server")
+    p = add("serve", cmd_serve, "serve a model over HTTP with MLflow's scoring server app, "
+            "loaded through the same checks as predict")
     p.add_argument("--model", required=True)
     p.add_argument("--port", type=int, default=5001)
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
+    p.add_argument("--max-body-mb", type=float, metavar="MB",
+                   help="answer request bodies over this size with 413, unread (default 1 MB: "
+                   "about 5,000 personas, what 2 CPUs encode within the 60 s request timeout)")
     p.add_argument("--tracking-uri")
 
     p = add("dashboard", cmd_dashboard, "open optuna-dashboard on the studies' Optuna storage")
@@ -447,8 +484,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sigterm_as_ctrl_c(signum: int, frame: Any) -> None:
+    """SIGTERM (kill, docker stop, a batch scheduler) stops like Ctrl-C: the SIGINT handler
+    in force runs, Ray Tune's graceful stop during a study's fit() (the study ends
+    interrupted, resumable, with its resume command) or Python's KeyboardInterrupt. Left to
+    Ray's own SIGTERM handler, the driver died in a native abort (SIGABRT). Called directly,
+    not re-sent, so a SIGINT ignored (a background job's) still stops the command."""
+    import signal
+
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):
+        raise KeyboardInterrupt
+    handler(signal.SIGINT, frame)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     args = build_parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # signal.signal needs it
+        previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)  # tuning.ray_tune.init_ray keeps it
     try:
         result = args.handler(args)
     except HPNInputError as exc:
@@ -467,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
         first = str(exc).splitlines()[0] if str(exc) else ""
         print(f"hpn-tune {args.command}: failed: {type(exc).__name__}: {first}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:  # main() called in-process (tests) leaves SIGTERM as it was
+            signal.signal(signal.SIGTERM, previous)
     if args.json and result is not None:
         print(json.dumps(result, default=str))
     return 0

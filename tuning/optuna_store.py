@@ -65,19 +65,80 @@ def redact(url: str) -> str:
             text = parsed.render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 (not a URL SQLAlchemy reads: fall back to the pattern)
         text = re.sub(r"://([^/@]*):[^/]*@", r"://\1:***@", url)
-    return re.sub(r"(?i)([?&](?:password|passwd|pwd)=)[^&]*", r"\1***", text)
+    return re.sub(r"(?i)([?&](?:password|passwd|pwd|token|secret|access_token)=)[^&]*", r"\1***", text)
+
+
+def without_password(url: str) -> str:
+    """The URL with no password at all (not even ***): what a pickled storage keeps, so a
+    process that unpickles it and was not given the password falls back to the database
+    driver's own sources (PGPASSWORD, ~/.pgpass) instead of trying the word `***`."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 (not a URL SQLAlchemy reads: nothing to take out)
+        return url
+    if parsed.password is None:
+        return url
+    return parsed._replace(password=None).render_as_string(hide_password=False)
+
+
+#: full URL per password-less URL, for the storages this process opened (`SecretSafeStorage`)
+_FULL_URLS: dict[str, str] = {}
+
+
+def _storage_class() -> type:
+    """Made on first use, so importing this module does not import Optuna."""
+    import optuna
+
+    if "SecretSafeStorage" in globals():
+        return globals()["SecretSafeStorage"]
+
+    class SecretSafeStorage(optuna.storages.RDBStorage):
+        """Optuna's RDBStorage, pickled without its password. Ray pickles the study's searcher,
+        storage included, into its saved state under --storage-path (`tuner.pkl`, the
+        searcher checkpoint); there the password would lie in a file anyone who can read the
+        results could open. Unpickled in this process (a resumed study was given the URL
+        again), the storage gets its password back from `_FULL_URLS`."""
+
+        def __getstate__(self) -> dict[Any, Any]:
+            state = super().__getstate__()
+            state["url"] = without_password(self.url)
+            return state
+
+        def __setstate__(self, state: dict[Any, Any]) -> None:
+            state["url"] = _FULL_URLS.get(state["url"], state["url"])
+            super().__setstate__(state)
+
+    SecretSafeStorage.__module__ = __name__
+    SecretSafeStorage.__qualname__ = "SecretSafeStorage"
+    globals()["SecretSafeStorage"] = SecretSafeStorage
+    return SecretSafeStorage
+
+
+def __getattr__(name: str) -> Any:  # pickle finds the class by name here
+    if name == "SecretSafeStorage":
+        return _storage_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_storage(url: str) -> Any:
     """An RDBStorage on `url`; one line naming --optuna-storage when it cannot be opened."""
-    import optuna
-
     if url.startswith("sqlite:///"):
         folder = Path(url[len("sqlite:///"):]).parent
         if not folder.is_dir():
             raise HPNInputError(f"--optuna-storage: folder {str(folder)!r} does not exist")
+    _FULL_URLS[without_password(url)] = url
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        return _storage_class()(url, engine_kwargs={"pool_pre_ping": True})
+    except Exception:  # noqa: BLE001 (tried once more, below)
+        # Two studies started together on a new database both create its tables; the
+        # slower one fails ("table studies already exists") and finds them a moment later.
+        import time
+
+        time.sleep(1.0)
+    try:
+        return _storage_class()(url, engine_kwargs={"pool_pre_ping": True})
     except Exception as exc:  # sqlalchemy and driver errors vary by database
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise HPNInputError(f"--optuna-storage: cannot open {redact(url)} ({first})") from exc
@@ -93,6 +154,41 @@ def load_study(storage: Any, name: str) -> Any:
     import optuna
 
     return optuna.load_study(study_name=name, storage=storage)
+
+
+def claim_study(storage: Any, name: str, directions: list[str]) -> bool:
+    """Create the study's Optuna study before anything else of the study exists; False when
+    the name is taken. Why: Optuna's study names are unique in its database, so creating one
+    is an atomic claim on the name, where checking MLflow and creating the parent run seconds
+    later let two `hpn-tune run --name X` started together both pass. Ray's OptunaSearch later
+    opens this same study (`create_study(load_if_exists=True)`) and keeps the directions
+    stored here, so give the ones the study's searcher optimises."""
+    import optuna
+
+    try:
+        optuna.create_study(storage=storage, study_name=name, directions=directions)
+    except optuna.exceptions.DuplicatedStudyError:
+        return False
+    return True
+
+
+def release_study(storage: Any, name: str) -> None:
+    """Give a claimed name back when the study stopped before its parent run existed: delete
+    its Optuna study, but only while it has no trial, so no study's history can be lost."""
+    if study_exists(storage, name):
+        study_id = storage.get_study_id_from_name(name)
+        if not storage.get_all_trials(study_id, deepcopy=False):
+            storage.delete_study(study_id)
+
+
+def ended_trials(storage: Any, name: str) -> int:
+    """The study's trials that ran to an end (complete, pruned, failed; not the orphans a kill
+    left). Ray saves a study's state in its first step, long before a trial can end, so a
+    study with any has saved state somewhere, even where --storage-path does not find it."""
+    if not study_exists(storage, name):
+        return 0
+    trials = storage.get_all_trials(storage.get_study_id_from_name(name), deepcopy=False)
+    return sum(t.state.is_finished() and ORPHAN_ATTR not in t.user_attrs for t in trials)
 
 
 def mark_orphans(storage: Any, name: str, known_ray_trials: set[str]) -> int:

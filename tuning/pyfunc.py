@@ -6,9 +6,14 @@ tab lists and compares the study's models. It is saved locally with `mlflow.pyfu
 and uploaded to the LoggedModel: `log_model` would load the encoder to validate the input
 example, seconds per trial that a study of hundreds of trials should not pay.
 `models:/<model_id>` and `runs:/<run_id>/model` (MLflow finds a run's model by name) load it.
+
+No pickle: the pyfunc is MLflow's models-from-code (`tuning/pyfunc_code.py`, copied into the
+model) and the weights are the safetensors + JSON `hpn` artifact. `load_verified` checks a
+downloaded model directory against that format before anything in it is used.
 """
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from contextlib import suppress
 from importlib import metadata
@@ -18,11 +23,19 @@ from typing import Any
 import pandas as pd
 
 from hpn import metrics as M
-from hpn.model import HPNClassifier
+from hpn.errors import HPNInputError
+from hpn.model import META_FILE, WEIGHTS_FILE, HPNClassifier
 
 MODEL_ARTIFACT = "model"  # the LoggedModel's name: `runs:/<run_id>/model` resolves through it
 MODEL_TYPE = "hpn-persona-classifier"
 TEXT_COLUMN = "text"
+HPN_ARTIFACT = "hpn"  # the weights: safetensors + JSON (HPNClassifier.save)
+#: MLflow executes (a copy of) this file to load the model; see verify_model_dir.
+CODE_FILE = Path(__file__).with_name("pyfunc_code.py")
+CODE_LOADER = "mlflow.pyfunc.loaders.code_model"  # the pyfunc loader of models-from-code
+#: File names MLflow or a library would unpickle: the flavor's python_model.pkl (maybe
+#: compressed: python_model.pkl.gz), joblib, dill, torch's pickled checkpoints.
+PICKLE_SUFFIXES = {".pkl", ".pickle", ".cloudpickle", ".joblib", ".dill", ".pt", ".pth", ".ckpt"}
 INPUT_EXAMPLE = [
     "A pediatric nurse who volunteers at a rural clinic and follows telemedicine research.",
     "A software engineer who maintains open-source compilers in her spare time.",
@@ -30,14 +43,30 @@ INPUT_EXAMPLE = [
 
 
 def _texts(model_input: Any) -> list[str]:
+    """The texts of a request: column `text` of a frame, or a series / list / one string.
+    Each must be a non-blank string: MLflow's schema check lets 42, null and "" through (and a
+    label for them is a guess), so they are refused here, naming the row (counted from 0)."""
+    from mlflow.exceptions import MlflowException
+
     if isinstance(model_input, pd.DataFrame):
-        column = TEXT_COLUMN if TEXT_COLUMN in model_input.columns else model_input.columns[0]
-        return [str(t) for t in model_input[column].tolist()]
-    if isinstance(model_input, pd.Series):
-        return [str(t) for t in model_input.tolist()]
-    if isinstance(model_input, str):
-        return [model_input]
-    return [str(t) for t in model_input]
+        if TEXT_COLUMN not in model_input.columns:
+            raise MlflowException.invalid_parameter_value(
+                f"the input has no `{TEXT_COLUMN}` column (columns: {list(model_input.columns)})")
+        values = model_input[TEXT_COLUMN].tolist()
+    elif isinstance(model_input, pd.Series):
+        values = model_input.tolist()
+    elif isinstance(model_input, str):
+        values = [model_input]
+    else:
+        values = list(model_input)
+    for row, value in enumerate(values):
+        if not isinstance(value, str) or not value.strip():
+            shown = repr(value)[:40]
+            shown += "" if isinstance(value, str) else f" ({type(value).__name__})"
+            raise MlflowException.invalid_parameter_value(
+                f"`{TEXT_COLUMN}` row {row} (counting from 0) is {shown}: "
+                "each text must be a non-empty string")
+    return values
 
 
 def predictions_frame(model: HPNClassifier, texts: list[str]) -> pd.DataFrame:
@@ -57,9 +86,13 @@ try:
         _skip_type_hint_validation = True
 
         def load_context(self, context: Any) -> None:
-            self.model = HPNClassifier.load(context.artifacts["hpn"])
+            self.model = HPNClassifier.load(context.artifacts[HPN_ARTIFACT])
 
         def predict(self, context, model_input, params=None):  # no hints: MLflow reads them as a schema
+            return self.score(model_input)
+
+        def score(self, model_input, params=None):
+            """What `load_verified`'s PyFuncModel calls (it has no MLflow context to pass)."""
             return predictions_frame(self.model, _texts(model_input))
 except ImportError:  # pragma: no cover - mlflow is a dependency; kept importable without it
     HPNPyfunc = None  # type: ignore[assignment,misc]
@@ -91,17 +124,101 @@ def save_pyfunc(model: HPNClassifier, path: str | Path, mlflow_model: Any = None
     import mlflow.pyfunc
 
     with tempfile.TemporaryDirectory() as tmp:
-        weights = model.save(Path(tmp) / "hpn")
+        weights = model.save(Path(tmp) / HPN_ARTIFACT)
         mlflow.pyfunc.save_model(
             path=str(path),
-            python_model=HPNPyfunc(),
-            artifacts={"hpn": str(weights)},
+            python_model=str(CODE_FILE),  # models-from-code: MLflow copies the file, no pickle
+            artifacts={HPN_ARTIFACT: str(weights)},
             signature=signature_for(model.label_names),
             input_example=pd.DataFrame({TEXT_COLUMN: INPUT_EXAMPLE}),  # saved, not run
             pip_requirements=_requirements(),
             mlflow_model=mlflow_model,
         )
     return Path(path)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def verify_model_dir(path: str | Path, model_uri: str) -> tuple[Any, Path]:
+    """Check that a local model directory is an hpn-tune pyfunc that loads without running
+    anything but our code: no pickle anywhere (MLflow unpickles `python_model.pkl`, and a
+    pickle runs whatever its `__reduce__` names), the models-from-code loader, no `code`
+    directory (MLflow puts it first on sys.path), a code file byte-identical (sha256) to the
+    CODE_FILE this installed hpn-tune ships, and the weights inside the directory.
+    Returns (the MLmodel as `mlflow.models.Model`, the weights directory); reads only YAML."""
+    from mlflow.models import Model
+
+    root = Path(path).resolve()
+
+    def refuse(why: str, fix: str = "re-log the model with this hpn-tune (its models are "
+               "models-from-code plus safetensors), or load it with MLflow only if you trust "
+               "whoever wrote it") -> HPNInputError:
+        return HPNInputError(f"--model: refusing to load {model_uri!r}: {why}; {fix}")
+
+    if not (root / "MLmodel").is_file():
+        raise refuse("it has no MLmodel file", "give an MLflow model logged by hpn-tune")
+    pickles = sorted(str(f.relative_to(root)) for f in root.rglob("*")
+                     if PICKLE_SUFFIXES & {s.lower() for s in f.suffixes})
+    if pickles:  # before the MLmodel is even parsed: nothing else matters then
+        raise refuse(f"it holds a pickle ({', '.join(pickles[:3])}), which loading would "
+                     "unpickle and so run any code in it")
+    try:
+        meta = Model.load(str(root))  # yaml.safe_load: no objects built from tags
+    except Exception as exc:  # noqa: BLE001 - any unreadable MLmodel is refused alike
+        raise refuse(f"its MLmodel cannot be read ({type(exc).__name__})") from None
+    flavor = meta.flavors.get("python_function")
+    if not flavor:
+        raise refuse("it has no python_function flavor")
+    if flavor.get("python_model") or flavor.get("data"):
+        name = flavor.get("python_model") or flavor.get("data")
+        raise refuse(f"its pyfunc flavor loads a serialized object ({name})")
+    if flavor.get("loader_module") != CODE_LOADER:
+        raise refuse(f"its pyfunc loader is {flavor.get('loader_module')!r}, not "
+                     f"models-from-code ({CODE_LOADER})")
+    if flavor.get("code"):
+        raise refuse(f"it ships a code directory ({flavor['code']}) that loading puts on sys.path")
+    stored = root / Path(str(flavor.get("model_code_path", ""))).name  # where MLflow looks
+    if stored.name != CODE_FILE.name or not stored.is_file():
+        raise refuse(f"its code file is {stored.name!r}, not hpn-tune's {CODE_FILE.name}")
+    if _sha256(stored) != _sha256(CODE_FILE):
+        raise refuse(f"its code file {stored.name} differs from the one this hpn-tune ships "
+                     "(and loading executes it)", "re-log the model with this hpn-tune")
+    artifact = flavor.get("artifacts", {}).get(HPN_ARTIFACT, {})
+    weights = (root / str(artifact.get("path", ""))).resolve()
+    if not artifact or root not in weights.parents or not all(
+            (weights / f).is_file() for f in (WEIGHTS_FILE, META_FILE)):
+        raise refuse(f"its `{HPN_ARTIFACT}` weights ({WEIGHTS_FILE}, {META_FILE}) are missing "
+                     "or outside the model directory")
+    return meta, weights
+
+
+def load_verified(path: str | Path, model_uri: str) -> Any:
+    """An `mlflow.pyfunc.PyFuncModel` of the hpn-tune model directory at `path`, verified
+    first (`verify_model_dir`).
+
+    Loading builds our HPNPyfunc from the installed package and the verified `hpn` weights;
+    the model's copy of the code file is never executed, though it matches ours byte for
+    byte. Safest and simplest: no code from the directory runs at all (a check that could be
+    raced or fooled is not the only guard), and MLflow's models-from-code loader is not used,
+    which would also swap a process-global (`mlflow.models.model.__mlflow_model__`) that two
+    loads at once could mix up. The PyFuncModel still enforces the signature, so in-process
+    predict and the scoring server behave as with `mlflow.pyfunc.load_model`."""
+    from mlflow.pyfunc import PyFuncModel, PythonModelContext
+
+    meta, weights = verify_model_dir(path, model_uri)
+    python_model = HPNPyfunc()
+    try:
+        python_model.load_context(PythonModelContext({HPN_ARTIFACT: str(weights)}, None))
+    except HPNInputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the files are input: bad JSON, safetensors, shapes
+        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise HPNInputError(f"--model: cannot load {model_uri!r}: its `{HPN_ARTIFACT}` weights "
+                            f"are unreadable ({first}); re-log the model") from None
+    return PyFuncModel(model_meta=meta, model_impl=python_model, predict_fn="score",
+                       model_id=meta.model_id)
 
 
 def log_pyfunc(client: Any, run_id: str, model: HPNClassifier) -> str:

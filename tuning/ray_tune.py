@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from mlflow.entities import Metric
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import Repeater
@@ -26,6 +27,7 @@ from hpn.errors import HPNInputError
 from hpn.memory import PeakMemory, cap_cuda_share
 from hpn.train import NonFiniteLossError, PreparedData, train
 from tuning.optuna_store import RAY_TRIAL_ATTR
+from tuning.outbox import Outbox
 from tuning.progress import StudyProgress
 from tuning.tracking import (
     CONFIG_GROUP_TAG,
@@ -35,7 +37,9 @@ from tuning.tracking import (
     REPEAT_TAG,
     CorpusDataset,
     TrialRun,
+    close_trial_run,
     close_unclosed_trial_run,
+    is_unreachable,
     log_dataset,
 )
 
@@ -57,6 +61,9 @@ class StudyContext:
     # already in base_config with --set applied on top
     trial_offset: int = 0  # trials of the study's earlier Ray experiments (an extended study)
     dataset: CorpusDataset | None = None  # the corpus as an MLflow dataset input
+    outbox: str | None = None  # where results wait while the MLflow server is unreachable
+    http_retries: tuple[tuple[str, str], ...] = ()  # the driver's MLFLOW_HTTP_REQUEST_* bounds,
+    # for trials on any node (tracking.bound_http_retries)
 
 
 GROUP_KEY = "__config_group__"  # the first trial id of a config's repeats
@@ -137,12 +144,35 @@ class SeedRepeats(Repeater):
 
 
 def init_ray(address: str | None) -> None:
+    """Join the Ray cluster at `address`, or start Ray on this machine for this machine only.
+
+    ray.init replaces the process's SIGTERM handler with its own, under which a SIGTERM
+    exits the driver mid-study and ends in a native abort (SIGABRT), the study's run not
+    closed as interrupted; a handler the caller set (the CLI's, which turns SIGTERM into a
+    Ctrl-C) is put back."""
+    import signal
+    import threading
+
     if ray.is_initialized():
         return
     quiet_libraries()  # before ray.init, which prints the token-auth notice dropped there
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                               "configure_logging": False}
-    if address:
+    sigterm = signal.getsignal(signal.SIGTERM)
+    if not address and not os.environ.get("RAY_ADDRESS"):
+        # A local study needs no caller from outside, yet Ray binds its GCS, raylet and
+        # workers to every interface unless the node's address is 127.0.0.1, and turns a
+        # given 127.0.0.1 into the machine's outward address unless Ray runs single-machine
+        # (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the macOS/Windows default, read once when ray
+        # is imported; it only decides that address). So run single-machine for this call.
+        from ray._private import ray_constants
+
+        cluster, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+        try:
+            ray.init(_node_ip_address="127.0.0.1", **kwargs)
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = cluster
+    elif address:
         try:
             ray.init(address=address, **kwargs)
         except ConnectionError as exc:  # no cluster there, or it refused our token
@@ -155,11 +185,40 @@ def init_ray(address: str | None) -> None:
                 f"({str(exc).strip().splitlines()[0][:160]}): check that it runs "
                 "and that RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH holds its token") from exc
     else:
-        ray.init(**kwargs)
+        ray.init(**kwargs)  # RAY_ADDRESS names the cluster to join
+    if callable(sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, sigterm)
 
 
 def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
+
+
+def check_trial_fits(cpus: float, gpus: float) -> None:
+    """Refuse a trial that no node of the cluster can hold: Ray would queue it forever,
+    saying so only in an autoscaler warning each minute. (On an autoscaling cluster, a node
+    type that is not up yet is not seen here.) Needs Ray initialised."""
+    from collections import Counter
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+    def num(x: float) -> str:
+        return f"{x:g}"
+
+    def many(x: float, key: str) -> str:
+        return f"{num(x)} {key}" + ("" if x == 1 else "s")
+
+    kinds = Counter(f"{num(r.get('CPU', 0))} CPU/{num(r.get('GPU', 0))} GPU" for r in nodes)
+    shown = ", ".join(k if n == 1 else f"{n} x {k}" for k, n in kinds.items())
+    for flag, key, need in (("--cpus-per-trial", "CPU", cpus), ("--gpus-per-trial", "GPU", gpus)):
+        most = max((r.get(key, 0) for r in nodes), default=0)
+        if need > most:
+            raise HPNInputError(f"{flag}: {many(need, key)} per trial, but the largest Ray "
+                                f"node has {num(most)} (nodes: {shown})")
+    if not any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
+        raise HPNInputError(f"--cpus-per-trial, --gpus-per-trial: {many(cpus, 'CPU')} and "
+                            f"{many(gpus, 'GPU')} per trial, but no Ray node has both "
+                            f"(nodes: {shown})")
 
 
 def is_multi_node() -> bool:
@@ -199,6 +258,7 @@ def trial_fn(config: dict[str, Any], data: PreparedData, ctx: StudyContext) -> N
     if OPTUNA_TRIAL_KEY in config:
         tags[OPTUNA_TRIAL_TAG] = str(config[OPTUNA_TRIAL_KEY])
     number = trial_number(trial_id)
+    os.environ.update(dict(ctx.http_retries))  # on a remote node too: no 4-minute silences
     run = TrialRun(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, trial_id, ctx.study,
                    {**cfg.to_flat(), "trial_id": trial_id}, tags,
                    None if number is None else number + ctx.trial_offset)
@@ -253,11 +313,30 @@ def trial_fn(config: dict[str, Any], data: PreparedData, ctx: StudyContext) -> N
     run.log_metrics({**{k: v for k, v in result.metrics.items()
                         if k not in M.EPOCH_METRICS and k != M.EPOCH},
                      NUM_CLASSES_KEY: data.corpus.num_classes}, step=cfg.train.epochs)
+    _record_completed(run, trial_id, result.model, Outbox(ctx.outbox))
+    tune.report({**final, DONE_KEY: True})
+
+
+def _record_completed(run: TrialRun, trial_id: str, model: Any, outbox: Outbox) -> None:
+    """Log the model and close the run; when the MLflow server does not answer, keep both
+    in the study's outbox (delivered when the study finishes) so the trial still counts."""
     from tuning.pyfunc import log_pyfunc
 
-    log_pyfunc(run.client, run.run_id, result.model)
-    run.end("completed")
-    tune.report({**final, DONE_KEY: True})
+    try:
+        run.flush()
+        log_pyfunc(run.client, run.run_id, model)
+        close_trial_run(run.client, run.run_id, "completed")
+    except Exception as exc:
+        if not is_unreachable(exc):
+            raise
+        if not outbox:
+            raise RuntimeError(f"the MLflow server does not answer and the study has no local "
+                               f"outbox (its --storage-path is a URI), so this trial's model "
+                               f"is lost: {exc}") from exc
+        outbox.keep(trial_id, "trial", "completed", run_id=run.run_id, metrics=run.unsent,
+                    model=model)
+        print(f"hpn-tune: trial {trial_id}: the MLflow server does not answer; its model and "
+              f"final metrics wait in {outbox.folder}", flush=True)
 
 
 def trial_number(trial_id: str) -> int | None:
@@ -282,18 +361,27 @@ class FinalizeTrialRuns(tune.Callback):
     def __init__(self, ctx: StudyContext) -> None:
         self.ctx = ctx
 
-    def _close(self, trial: Any, state: str, reason: str | None = None) -> None:
-        close_unclosed_trial_run(self.ctx.tracking_uri, self.ctx.experiment_id,
-                                 self.ctx.parent_run_id, trial.trial_id, state, reason)
+    def _close(self, trial: Any, state: str, reason: str,
+               metrics: dict[str, float] | None = None) -> None:
+        """Close the trial's run if it is still open; while the MLflow server does not answer,
+        an outbox entry closes it when the study finishes (a raise here would end Tune)."""
+        try:
+            close_unclosed_trial_run(self.ctx.tracking_uri, self.ctx.experiment_id,
+                                     self.ctx.parent_run_id, trial.trial_id, state, reason, metrics)
+        except Exception as exc:
+            outbox = Outbox(self.ctx.outbox)
+            if not is_unreachable(exc) or not outbox:
+                raise
+            now = int(time.time() * 1000)
+            outbox.keep(trial.trial_id, "driver", state, reason,
+                        metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()])
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
         if not last.get(DONE_KEY):
-            close_unclosed_trial_run(
-                self.ctx.tracking_uri, self.ctx.experiment_id, self.ctx.parent_run_id,
-                trial.trial_id, "pruned", pruned_reason(last.get(M.EPOCH)),
-                {k: last[k] for k in (M.RUNTIME_S, M.PEAK_RSS_MB, M.PEAK_VRAM_MB,
-                                      M.PEAK_VRAM_PROCESS_MB) if k in last})
+            self._close(trial, "pruned", pruned_reason(last.get(M.EPOCH)),
+                        {k: last[k] for k in (M.RUNTIME_S, M.PEAK_RSS_MB, M.PEAK_VRAM_MB,
+                                              M.PEAK_VRAM_PROCESS_MB) if k in last})
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._close(trial, "error", ProgressCallback.error_line(trial) or "the trial raised an error")
@@ -472,7 +560,13 @@ def trial_statuses(experiment_path: str) -> dict[str, str]:
 
 
 def can_restore(experiment_path: str) -> bool:
-    return tune.Tuner.can_restore(experiment_path)
+    """Whether Ray saved the experiment's state. Tuner.can_restore looks only for tuner.pkl,
+    which Tuner() writes before fit() saves any state: a driver killed in between leaves a
+    folder that Tuner.restore and ExperimentAnalysis both refuse."""
+    from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
+
+    return (tune.Tuner.can_restore(experiment_path)
+            and _find_newest_experiment_checkpoint(experiment_path) is not None)
 
 
 def experiment_path(storage_path: str, study: str) -> str:
@@ -502,7 +596,7 @@ def run_tuner(define_by_run: Any, sampler: Any, data: PreparedData, ctx: StudyCo
                                    resume_errored=False, restart_errored=False)
         if progress is not None:
             progress.install(tuner)  # restored callbacks are the pickled, inert copy
-        return tuner.fit()
+        return _fit(tuner)
     multi = isinstance(settings.metric, list)
     storage = None
     if settings.optuna_storage:
@@ -535,4 +629,20 @@ def run_tuner(define_by_run: Any, sampler: Any, data: PreparedData, ctx: StudyCo
             callbacks=[FinalizeTrialRuns(ctx), *([progress] if progress else [])], verbose=0,
         ),
     )
-    return tuner.fit()
+    return _fit(tuner)
+
+
+def _fit(tuner: Any) -> Any:
+    """`tuner.fit()`, then the SIGINT handler from before it: Tune installs its own graceful
+    stop for the run and never puts the previous one back, so a Ctrl-C (or the SIGTERM that
+    `hpn-tune run` turns into one) while the report is written would be swallowed."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return tuner.fit()
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return tuner.fit()
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,87 +1,289 @@
 """Using a model: `predict` on texts or files, `serve` over HTTP, and the MLflow `ui`.
 
-Serving and the UI are MLflow's own servers (`mlflow models serve`, `mlflow ui`), started
-with our tracking URI so `models:/<name>@champion` resolves against the study's registry.
+Every model goes through `load_model`: downloaded, checked (`tuning.pyfunc.verify_model_dir`:
+no pickle, our own code file) and built from the installed hpn-tune, so nothing the model
+directory holds is unpickled or executed. `serve` runs MLflow's scoring server app (the
+endpoints and request formats of `mlflow models serve`) in this process on that model, behind
+a request-body cap and a check that every text is a non-empty string. The UI is MLflow's own.
 """
 from __future__ import annotations
 
+import io
+import json
 import os
+import socket
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from hpn.errors import HPNInputError
-from tuning.tracking import resolve_tracking_uri
+from tuning.tracking import bound_http_retries, resolve_tracking_uri
+
+# tuning.pyfunc (TEXT_COLUMN, the loader) is imported where used: it imports torch, 3 s that
+# `hpn-tune ui` and `dashboard`, which import this module too, should not pay.
+
+#: `serve --max-body-mb` default. 1 MB is some 5,000 personas, about what 2 CPUs encode
+#: (~130 texts/s, bench/RESULTS.md) inside the scoring server's 60 s request timeout: a bigger
+#: body could only time out (504) while its thread still burns CPU. Measured on the tiny test
+#: model, one 1 MB request took the server from 0.6 to 1.1 GB peak RSS (4 MB: 1.45 GB).
+DEFAULT_MAX_BODY_MB = 1.0
 
 
 def read_texts(path: str | Path) -> list[str]:
-    """Texts from JSONL / CSV (column `text`, else the first column) or plain lines."""
+    """Texts from a JSON array (of strings, or of objects with `text`), JSONL or CSV (field
+    `text`, else the first one), or plain lines (blank ones skipped). Refused in one line
+    naming the file: not UTF-8, binary, empty, unparsable, or a row without a text."""
+    from tuning.pyfunc import TEXT_COLUMN
+
     p = Path(path)
     if not p.is_file():
         raise HPNInputError(f"--input: file {str(p)!r} not found")
-    if p.suffix in (".jsonl", ".json"):
-        frame = pd.read_json(p, lines=True)
-    elif p.suffix == ".csv":
-        frame = pd.read_csv(p)
-    else:
-        return [line.strip() for line in p.read_text().splitlines() if line.strip()]
-    if frame.empty:
-        raise HPNInputError(f"--input: file {str(p)!r} has no rows")
-    column = "text" if "text" in frame.columns else frame.columns[0]
-    return [str(t) for t in frame[column].tolist()]
+
+    def bad(why: str, fix: str) -> HPNInputError:
+        return HPNInputError(f"--input: file {str(p)!r} {why}; {fix}")
+
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad(f"is not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x})",
+                  "save it as UTF-8, e.g. `iconv -f latin1 -t utf-8`") from None
+    if "\x00" in raw:
+        raise bad("is binary", "give a .json, .jsonl, .csv or plain text file")
+    if not raw.strip():
+        raise bad("is empty", "give one text per line, row or array element")
+    if p.suffix not in (".json", ".jsonl", ".csv"):
+        return [line.strip() for line in raw.splitlines() if line.strip()]
+    values = _csv_values(raw, bad) if p.suffix == ".csv" else _json_values(raw, bad)
+    if not values:
+        raise bad("has no rows", "give at least one text")
+    for row, value in enumerate(values, 1):
+        if not isinstance(value, str) or not value.strip():
+            raise bad(f"row {row} (counting from 1) is {value!r:.40}, not a text",
+                      f"give every row a non-empty `{TEXT_COLUMN}`")
+    return values
+
+
+def _json_values(raw: str, bad: Any) -> list[Any]:
+    """A JSON array or object, else JSON lines (one value per line): strings are texts,
+    objects give their `text` field (or, when none has one, their first field)."""
+    from tuning.pyfunc import TEXT_COLUMN
+
+    try:
+        data = json.loads(raw)
+        records = data if isinstance(data, list) else [data]
+    except json.JSONDecodeError:
+        records = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            try:
+                records.extend([json.loads(line)] if line.strip() else [])
+            except json.JSONDecodeError as exc:
+                raise bad(f"is not JSON (line {n}: {exc.msg})",
+                          "give a JSON array of texts or one JSON object per line") from None
+    keyed = any(isinstance(r, dict) and TEXT_COLUMN in r for r in records)
+    return [(r.get(TEXT_COLUMN) if keyed else next(iter(r.values()), None))
+            if isinstance(r, dict) else r for r in records]
+
+
+def _csv_values(raw: str, bad: Any) -> list[Any]:
+    from tuning.pyfunc import TEXT_COLUMN
+
+    try:  # every cell a string: "NA" or "42" is a text in a CSV, an empty cell is none
+        frame = pd.read_csv(io.StringIO(raw), dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        first = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise bad(f"is not CSV ({first})", f"give a header row with `{TEXT_COLUMN}`") from None
+    column = TEXT_COLUMN if TEXT_COLUMN in frame.columns else frame.columns[0]
+    return frame[column].tolist()
 
 
 def load_model(model_uri: str, tracking_uri: str | None = None) -> Any:
+    """The model at `model_uri` as an `mlflow.pyfunc.PyFuncModel` (`.predict(DataFrame with
+    `text`)` -> label and scores), loaded only once its downloaded directory passed
+    `verify_model_dir`; every `predict`, `serve` and registration check loads through here.
+    The directory is a private temporary copy, so what was checked is what is loaded."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from tuning.pyfunc import load_verified
+
     uri = resolve_tracking_uri(tracking_uri)
+    bound_http_retries()  # a server that is down fails this in about a minute, not four
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    try:
-        return mlflow.pyfunc.load_model(model_uri)
-    except (MlflowException, OSError) as exc:
-        first = str(exc).splitlines()[0][:200]
-        raise HPNInputError(f"--model: cannot load {model_uri!r} from {uri} ({first})") from None
+    with tempfile.TemporaryDirectory(prefix="hpn-model-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=model_uri, dst_path=tmp, tracking_uri=uri, registry_uri=uri)
+        except (MlflowException, OSError) as exc:
+            first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise HPNInputError(
+                f"--model: cannot load {model_uri!r} from {uri} ({first})") from None
+        return load_verified(local, model_uri)
 
 
 def predict_command(model_uri: str, texts: list[str], input_path: str | None,
                     output_path: str | None, tracking_uri: str | None) -> dict[str, Any]:
+    from tuning.pyfunc import TEXT_COLUMN
+
+    for n, text in enumerate(texts, 1):
+        if not text.strip():
+            raise HPNInputError(f"predict: text argument {n} is blank; give non-empty texts")
     if input_path:
         texts = list(texts) + read_texts(input_path)
     if not texts:
         raise HPNInputError("predict: give texts as arguments or --input FILE")
-    frame = load_model(model_uri, tracking_uri).predict(pd.DataFrame({"text": texts}))
-    frame.insert(0, "text", texts)
+    if output_path and Path(output_path).suffix not in (".csv", ".jsonl", ".json"):
+        raise HPNInputError(f"--output: {output_path!r} must end in .jsonl or .csv")
+    frame = load_model(model_uri, tracking_uri).predict(pd.DataFrame({TEXT_COLUMN: texts}))
+    frame.insert(0, TEXT_COLUMN, texts)
     if output_path:
         out = Path(output_path)
         if out.suffix == ".csv":
             frame.to_csv(out, index=False)
-        elif out.suffix in (".jsonl", ".json"):
-            frame.to_json(out, orient="records", lines=True)
         else:
-            raise HPNInputError(f"--output: {str(out)!r} must end in .jsonl or .csv")
+            frame.to_json(out, orient="records", lines=True)
         print(f"wrote {len(frame)} predictions to {out}")
     for row in frame.head(20).itertuples():
         print(f"  {row.label:<16} {row.score:.3f}  {row.text[:70]}")
     return {"count": len(frame), "predictions": frame[["label", "score"]].to_dict("records")}
 
 
-def serve_command(model_uri: str, port: int, host: str = "127.0.0.1") -> list[str]:
-    return [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
-            "--host", host, "--port", str(port), "--env-manager", "local"]
+# -- serve -------------------------------------------------------------------------------------
+
+_MISSING = object()  # a request row without a `text` field
 
 
-def serve(model_uri: str, port: int, tracking_uri: str | None, host: str = "127.0.0.1") -> None:
-    uri = resolve_tracking_uri(tracking_uri)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri}
-    # MLflow starts the scoring server as `bash -c "exec uvicorn ..."`: put our interpreter's
-    # bin first on PATH so a venv that was never activated still finds its own uvicorn.
-    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
-    print(f"serving {model_uri} at http://{host}:{port}/invocations", flush=True)
-    os.execvpe(sys.executable, serve_command(model_uri, port, host), env)
+def request_texts(payload: dict[str, Any]) -> list[Any]:
+    """The raw `text` values of a JSON request in MLflow's formats (dataframe_split,
+    dataframe_records, inputs, instances), read before MLflow's parsing, which casts to the
+    signature's string type and so answers 42 or null as if they were texts. [] when the
+    layout has no `text` to find: MLflow's own checks then answer."""
+    from tuning.pyfunc import TEXT_COLUMN
+
+    split = payload.get("dataframe_split")
+    if isinstance(split, dict):
+        columns, data = split.get("columns"), split.get("data")
+        if not (isinstance(columns, list) and TEXT_COLUMN in columns and isinstance(data, list)):
+            return []
+        i = columns.index(TEXT_COLUMN)
+        return [row[i] if isinstance(row, list) and i < len(row) else _MISSING for row in data]
+    for key in ("dataframe_records", "inputs", "instances"):
+        if key in payload:
+            rows = payload[key]
+            if isinstance(rows, dict):  # {"text": [...]} or {"text": "one"}
+                rows = rows.get(TEXT_COLUMN, [])
+            rows = rows if isinstance(rows, list) else [rows]
+            return [r.get(TEXT_COLUMN, _MISSING) if isinstance(r, dict) else r for r in rows]
+    return []
+
+
+def _request_problem(body: bytes) -> str | None:
+    """Why a JSON /invocations body is refused (400), or None to hand it to MLflow."""
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # not echoed back, unlike MLflow
+        return f"the body is not UTF-8 JSON ({str(exc)[:120]})"
+    if not isinstance(payload, dict):
+        return None
+    for row, value in enumerate(request_texts(payload)):
+        if not isinstance(value, str) or not value.strip():
+            shown = "missing" if value is _MISSING else json.dumps(value)[:40]
+            return (f"`text` row {row} (counting from 0) is {shown}: each text must be a "
+                    "non-empty string")
+    return None
+
+
+class RequestGuard:
+    """ASGI middleware in front of MLflow's scoring app: a body over `max_bytes` is answered
+    413 (a declared Content-Length at once, unread; a chunked one as soon as it passes the
+    cap), and a JSON /invocations whose texts are not all non-empty strings 400, naming the
+    row. The body is read here once and replayed to the app (which reads it whole anyway)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        too_big = (f"the request body is over the server's limit of {self.max_bytes} bytes "
+                   "(hpn-tune serve --max-body-mb); send fewer texts per request")
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await _answer(send, 413, "REQUEST_LIMIT_EXCEEDED", too_big, close=True)
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                return await _answer(send, 413, "REQUEST_LIMIT_EXCEEDED", too_big, close=True)
+        content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        is_json = scope["path"] == "/invocations" and content_type == b"application/json"
+        if is_json and (problem := _request_problem(bytes(body))):
+            return await _answer(send, 400, "INVALID_PARAMETER_VALUE", problem)
+        replay = [{"type": "http.request", "body": bytes(body), "more_body": False}]
+
+        async def receive_again() -> dict:
+            return replay.pop() if replay else await receive()
+
+        return await self.app(scope, receive_again, send)
+
+
+async def _answer(send: Any, status: int, code: str, message: str, close: bool = False) -> None:
+    """An MLflow-shaped JSON error; `close` ends the connection (the rest of a refused body is
+    never read, so the connection cannot carry another request)."""
+    content = json.dumps({"error_code": code, "message": message}).encode()
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(content)).encode())]
+    headers += [(b"connection", b"close")] if close else []
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": content})
+
+
+def scoring_app(model: Any, max_bytes: int) -> Any:
+    """MLflow's scoring server app (/invocations, /ping, /health, /version) for a loaded
+    PyFuncModel, behind RequestGuard."""
+    from mlflow.pyfunc import scoring_server
+
+    return RequestGuard(scoring_server.init(model), max_bytes)
+
+
+def _listen_socket(host: str, port: int) -> socket.socket:
+    """Bound before the model loads: a port in use is one line, not a traceback after a load."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise HPNInputError(f"--port: cannot listen on {host}:{port} ({exc.strerror}); "
+                            "choose another --port or --host") from None
+    return sock
+
+
+def serve(model_uri: str, port: int, tracking_uri: str | None, host: str = "127.0.0.1",
+          max_body_mb: float | None = None) -> None:
+    """Serve the model in this process (uvicorn, one worker) once it loaded: the URL line is
+    printed only then, so a missing model or alias is one line and exit 2."""
+    import uvicorn
+
+    max_body_mb = DEFAULT_MAX_BODY_MB if max_body_mb is None else max_body_mb
+    if not max_body_mb > 0:
+        raise HPNInputError(f"--max-body-mb: {max_body_mb} must be > 0")
+    sock = _listen_socket(host, port)
+    try:
+        app = scoring_app(load_model(model_uri, tracking_uri), int(max_body_mb * 1_000_000))
+        print(f"serving {model_uri} at http://{host}:{port}/invocations "
+              f"(request bodies up to {max_body_mb:g} MB)", flush=True)
+        uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+    finally:
+        sock.close()
 
 
 def ui(tracking_uri: str | None, port: int, host: str = "127.0.0.1",

@@ -55,6 +55,8 @@ class StudyOptions:
     # mean); None: 1 for a new study, the recorded number on resume
     register: bool = True
     model_name: str = "hpn-persona"
+    # val_accuracy must beat the validation majority-class baseline by more than this to register
+    baseline_margin: float = M.DEFAULT_BASELINE_MARGIN
     progress: bool = False  # the live line (only on a terminal)
     verbose: bool = False  # with progress, a line per finished trial
 
@@ -78,8 +80,19 @@ def _check(opts: StudyOptions) -> None:
         raise HPNInputError(f"--repeats: must be >= 1, got {opts.repeats}")
     if opts.seed is not None and not 0 <= opts.seed < 2**32:
         raise HPNInputError(f"--seed: must be between 0 and 2**32 - 1, got {opts.seed}")
+    import re
+
+    # The name becomes an MLflow filter value (a quote breaks it), a folder under
+    # --storage-path (`../x` would leave it) and an Optuna study name.
+    if opts.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", opts.name):
+        raise HPNInputError(
+            f"--name: {opts.name[:60]!r} is not a usable study name; use letters, digits, '.', "
+            "'_' and '-', starting with a letter or digit, at most 100 characters "
+            "([A-Za-z0-9][A-Za-z0-9._-]{0,99})")
     if opts.resume and not opts.name:
         raise HPNInputError("--resume: needs --name of the study to resume")
+    if not opts.resume:  # a bad space file is refused before any store or Ray exists
+        load_space(resolve_space_path(opts.space))
 
 
 def _searched_ranges(space: Any) -> dict[str, tuple[float, float]]:
@@ -90,6 +103,24 @@ class StudyInterrupted(RuntimeError):
     """The study stopped before all its trials finished (Ctrl-C): resume it by name."""
 
     exit_code, label = 130, "interrupted"
+
+
+class TrackingServerLost(RuntimeError):
+    """The MLflow server stopped answering and did not come back within MLflow's retries:
+    the study stops, its results kept, and resumes by name once the server is back."""
+
+    exit_code, label = 1, "failed"
+
+
+def _lost_server_message(tracking_uri: str, storage: str, name: str, opts: StudyOptions) -> str:
+    from tuning.outbox import Outbox, outbox_dir
+
+    waiting = len(Outbox(outbox_dir(storage, name)).entries())
+    kept = (f"; {waiting} trial results wait in {outbox_dir(storage, name)}" if waiting else "")
+    return (f"the MLflow server at {tracking_uri} stopped answering (each call is retried for "
+            f"about {tracking.bound_http_retries():.0f} s: MLFLOW_HTTP_REQUEST_MAX_RETRIES){kept}. "
+            f"When it is back, {resume_command(opts, name, opts.trials)} uploads what waits, "
+            "closes the runs left open and finishes the study")
 
 
 
@@ -146,15 +177,25 @@ def _new_plan(opts: StudyOptions, tracking_uri: str, name: str) -> StudyPlan:
     repeats = opts.repeats or 1
     sampler = opts.sampler or "tpe"
     storage_url = optuna_store.resolve_storage(opts.optuna_storage, tracking_uri)
-    if optuna_store.study_exists(optuna_store.open_storage(storage_url), name):
-        raise HPNInputError(
-            f"--name: the Optuna storage {optuna_store.redact(storage_url)} already holds a study "
-            f"named {name!r} (from a deleted MLflow store?); pick another name or delete it "
-            f"with: optuna delete-study --study-name {name} --storage {optuna_store.redact(storage_url)}")
-    return StudyPlan(space, _study_config(opts, space), sampler,
+    plan = StudyPlan(space, _study_config(opts, space), sampler,
                      resolve_scheduler(opts.scheduler, sampler, repeats), seed, repeats,
                      opts.trials or 12, opts.max_concurrent or 2, opts.cpus_per_trial or 1.0,
                      opts.gpus_per_trial, storage_url)
+    # Last, once nothing here can refuse the study: the name is claimed by creating the
+    # study's Optuna study (atomic; run_study releases it if the study stops before its
+    # parent run exists), with the directions _run_leg's searcher optimises: val_accuracy
+    # up and, for a multi-objective sampler, peak memory down.
+    from tuning.samplers import is_multi_objective
+
+    directions = ["maximize", "minimize"] if is_multi_objective(sampler) else ["maximize"]
+    if not optuna_store.claim_study(optuna_store.open_storage(storage_url), name, directions):
+        shown = optuna_store.redact(storage_url)
+        raise HPNInputError(
+            f"--name: study name {name!r} is taken in the Optuna storage {shown} (by an "
+            "`hpn-tune run` with this name started just now, or by a study of a deleted MLflow "
+            "store); pick another name, or if no such study runs, free it with: optuna "
+            f"delete-study --study-name {name} --storage {shown}")
+    return plan
 
 
 def _resume_plan(opts: StudyOptions, parent_run: Any) -> StudyPlan:
@@ -298,7 +339,9 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
     ray_tune.quiet_libraries()  # before the first MLflow call: its INFO lines on a new store
     session_started = time.time()
     name = opts.name or time.strftime("study-%Y%m%d-%H%M%S")
-    tracking_uri = tracking.resolve_tracking_uri(opts.tracking_uri)
+    tracking_uri = tracking.resolve_tracking_uri(opts.tracking_uri)  # credentials to the env
+    tracking.bound_http_retries()  # before Ray starts: its local workers inherit it
+    tracking.check_server(tracking_uri)  # seconds, not MLflow's minutes of retries
     storage = opts.storage_path or str(Path.cwd() / "ray_results")
     if "://" not in storage:
         storage = str(Path(storage).resolve())
@@ -318,35 +361,51 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
     else:
         if parent is not None:
             raise HPNInputError(f"--name: a study named {name!r} already exists; pass --resume or a new name")
-        plan = _new_plan(opts, tracking_uri, name)
-    if is_multi_objective(plan.sampler) and plan.repeats > 1:
-        raise HPNInputError(f"--repeats: the {plan.sampler} sampler optimises several metrics and "
-                            "Ray's Repeater averages one; drop --repeats or use another --sampler")
-    if (opts.address or "").startswith("ray://") and (plan.optuna_storage or "").startswith("sqlite:"):
-        raise HPNInputError(
-            "--optuna-storage: through ray:// the study's searcher runs on the Ray head node, "
-            f"which cannot open this machine's {plan.optuna_storage}; give a database URL the "
-            "head reaches (e.g. postgresql://user@db/optuna)")
-    runs = _legs_to_run(plan, name, storage, client.get_run(parent).info.status if parent else None)
+        plan = _new_plan(opts, tracking_uri, name)  # claims the name (its Optuna study)
+    try:
+        if is_multi_objective(plan.sampler) and plan.repeats > 1:
+            raise HPNInputError(f"--repeats: the {plan.sampler} sampler optimises several "
+                                "metrics and Ray's Repeater averages one; drop --repeats or use "
+                                "another --sampler")
+        if ((opts.address or "").startswith("ray://")
+                and (plan.optuna_storage or "").startswith("sqlite:")):
+            raise HPNInputError(
+                "--optuna-storage: through ray:// the study's searcher runs on the Ray head node, "
+                f"which cannot open this machine's {plan.optuna_storage}; give a database URL the "
+                "head reaches (e.g. postgresql://user@db/optuna)")
+        runs = _legs_to_run(plan, name, storage,
+                            client.get_run(parent).info.status if parent else None)
 
-    _say(opts, f"study {name}: starting Ray, then the data (the encode shows a bar; cached after)")
-    ray_tune.init_ray(opts.address)
-    _check_cluster_reach(opts, tracking_uri)
-    gpus = plan.gpus_per_trial
-    if gpus is None:
-        gpus = 0.25 if ray_tune.cluster_gpus() > 0 else 0.0
-    elif gpus > 0 and ray_tune.cluster_gpus() == 0:
-        raise HPNInputError("--gpus-per-trial: the Ray cluster has no GPU; drop the flag to run on CPU")
+        _say(opts, f"study {name}: starting Ray, then the data (the encode shows a bar; "
+                   "cached after)")
+        ray_tune.init_ray(opts.address)
+        _check_cluster_reach(opts, tracking_uri)
+        gpus = plan.gpus_per_trial
+        if gpus is None:
+            gpus = 0.25 if ray_tune.cluster_gpus() > 0 else 0.0
+        elif gpus > 0 and ray_tune.cluster_gpus() == 0:
+            raise HPNInputError("--gpus-per-trial: the Ray cluster has no GPU; drop the flag to "
+                                "run on CPU")
+        ray_tune.check_trial_fits(plan.cpus_per_trial, gpus)  # Ray would wait for it forever
 
-    data = prepare_data(plan.base, progress=opts.progress)
-    _check_counts(plan.space, data.corpus.num_classes)
-    parent = _open_parent(client, experiment_id, parent, name, plan, gpus, data)
+        data = prepare_data(plan.base, progress=opts.progress)
+        _check_counts(plan.space, data.corpus.num_classes)
+        parent = _open_parent(client, experiment_id, parent, name, plan, gpus, data)
+    except BaseException:
+        if not opts.resume and plan.optuna_storage:  # stopped before its run: free the name
+            import contextlib
+
+            with contextlib.suppress(Exception):  # what stopped the study is the error to show
+                optuna_store.release_study(optuna_store.open_storage(plan.optuna_storage), name)
+        raise
     try:
         return _run_legs_and_finish(client, experiment_id, parent, name, tracking_uri, storage,
                                     plan, runs, gpus, data, opts, session_started)
     except StudyInterrupted:
         raise
     except BaseException as exc:
+        if tracking.is_unreachable(exc):  # closing runs needs the server too: say what to do
+            raise TrackingServerLost(_lost_server_message(tracking_uri, storage, name, opts)) from exc
         # Whatever stopped the study (Ctrl-C outside Tune, a failure between experiments or
         # in the report): its trials and its run end, and a FINISHED study stays FINISHED.
         tracking.close_interrupted_trial_runs(client, experiment_id, parent,
@@ -361,6 +420,10 @@ def _run_legs_and_finish(client: Any, experiment_id: str, parent: str, name: str
                          tracking_uri: str, storage: str, plan: StudyPlan,
                          runs: list[tuple[Leg, str]], gpus: float, data: Any,
                          opts: StudyOptions, session_started: float) -> dict[str, Any]:
+    from tuning.outbox import Outbox, outbox_dir
+
+    outbox = Outbox(outbox_dir(storage, name))
+    delivered = outbox.deliver(client, experiment_id, parent)  # left by a lost server
     legs = list(plan.legs)
     total = (sum(x.trials for x in plan.legs)
              + sum(leg.trials for leg, mode in runs if mode == "new")) * plan.repeats
@@ -376,6 +439,8 @@ def _run_legs_and_finish(client: Any, experiment_id: str, parent: str, name: str
             break  # interrupted (Ctrl-C): no extension starts after it
 
     statuses = _all_statuses(storage, legs)
+    delivered += outbox.deliver(client, experiment_id, parent)
+    tracking.close_left_open_trial_runs(client, experiment_id, parent, statuses)
     tracking.mark_lost_trials(client, experiment_id, parent, set(statuses))
     wanted = sum(leg.trials for leg in legs) * plan.repeats
     finished = _finished(statuses)
@@ -392,8 +457,10 @@ def _run_legs_and_finish(client: Any, experiment_id: str, parent: str, name: str
             f"continue it with: {command}")
     _say(opts, f"study {name}: all trials done; writing the report"
          + (" and registering the best model" if opts.register else ""))
-    return _finish(client, experiment_id, parent, name, plan, data, tracking_uri, opts,
-                   session_started)
+    summary = _finish(client, experiment_id, parent, name, plan, data, tracking_uri, opts,
+                      session_started)
+    summary["delivered_after_outage"] = delivered
+    return summary
 
 
 def _say(opts: StudyOptions, line: str) -> None:
@@ -407,8 +474,9 @@ def _legs_to_run(plan: StudyPlan, name: str, storage: str,
                  status: str | None) -> list[tuple[Leg, str]]:
     """(Ray experiment, how) in order, how being "restore" (from Ray's saved state), "new"
     (an experiment to add) or "again" (recorded, but stopped before Ray saved any state: it
-    starts over, its orphaned Optuna trials already failed). An interrupted study goes on
-    with its last experiment; a study asked for more trials than it has adds one."""
+    starts over under the same parent run; the Optuna trials its kill orphaned are failed
+    and its runs left open closed as lost when that experiment ends). An interrupted study
+    goes on with its last experiment; a study asked for more trials than it has adds one."""
     from tuning import ray_tune
     from tuning.samplers import grid_size
 
@@ -422,7 +490,11 @@ def _legs_to_run(plan: StudyPlan, name: str, storage: str,
         last = plan.legs[-1]
         if ray_tune.can_restore(ray_tune.experiment_path(storage, last.name)):
             runs.append((last, "restore"))
-        elif len(plan.legs) > 1:  # an extension stopped in its first seconds
+        elif len(plan.legs) > 1 or (plan.optuna_storage and not optuna_store.ended_trials(
+                optuna_store.open_storage(plan.optuna_storage), name)):
+            # Stopped in its first seconds (an extension, or a new study killed between its
+            # parent run's creation and Ray's first save): no trial of it ended, so starting
+            # over loses nothing. A study with ended trials has saved state somewhere else.
             runs.append((last, "again"))
         else:
             raise HPNInputError(f"--resume: no saved Ray state for {name!r} under {storage}; "
@@ -481,6 +553,7 @@ def _run_leg(client: Any, experiment_id: str, parent: str, name: str, tracking_u
     """Run one Ray experiment of the study: restore it from Ray's saved state, or start it
     (new, or again when it had not saved any state yet)."""
     from tuning import ray_tune
+    from tuning.outbox import outbox_dir
     from tuning.samplers import is_multi_objective, make_sampler
 
     multi = is_multi_objective(plan.sampler)
@@ -492,7 +565,9 @@ def _run_leg(client: Any, experiment_id: str, parent: str, name: str, tracking_u
     ctx = ray_tune.StudyContext(name, tracking_uri, experiment_id, parent, plan.base.to_dict(),
                                 gpus, tuple(plan.space.keys()),
                                 trial_offset=sum(x.trials for x in legs[:index]) * plan.repeats,
-                                dataset=tracking.corpus_dataset(plan.base.data, data))
+                                dataset=tracking.corpus_dataset(plan.base.data, data),
+                                outbox=outbox_dir(storage, name),
+                                http_retries=tuple((k, os.environ[k]) for k in tracking.HTTP_RETRY_DEFAULTS))
     settings = ray_tune.TuneSettings(
         trials=leg.trials, max_concurrent=plan.max_concurrent, cpus_per_trial=plan.cpus_per_trial,
         gpus_per_trial=gpus, scheduler=plan.scheduler, storage_path=storage,
@@ -594,14 +669,21 @@ def _finish(client: Any, experiment_id: str, parent: str, name: str, plan: Study
         client.log_metric(parent, key, summary[key])
     client.set_terminated(parent, "FINISHED")
     if opts.register and best is not None:
-        from tuning.registry import register_run
+        from tuning.registry import NOT_REGISTERED_TAG, RegistrationRefused, register_run
 
         run_id = best.run["run_id"]
         # An extension whose best trial did not change keeps the version it had.
         summary["registered_new"] = not (
             client.search_registered_models(f"name = '{opts.model_name}'")
             and client.search_model_versions(f"name = '{opts.model_name}' AND run_id = '{run_id}'"))
-        summary["registered_version"] = register_run(client, run_id, opts.model_name)
+        summary["registration_refused"] = None
+        try:
+            summary["registered_version"] = register_run(client, run_id, opts.model_name,
+                                                         opts.baseline_margin)
+        except RegistrationRefused as exc:  # the study still finished: say why, register nothing
+            summary.update(registered_new=False, registered_version=None,
+                           registration_refused=str(exc))
+            client.set_tag(parent, NOT_REGISTERED_TAG, str(exc)[:5000])
     return summary
 
 
@@ -612,7 +694,7 @@ def resume_command(opts: StudyOptions, name: str, extend_to: int | None = None) 
     words = ["hpn-tune", "run", "--name", name, "--resume"]
     if extend_to is not None:
         words += ["--trials", str(extend_to)]
-    for flag, value in (("--tracking-uri", opts.tracking_uri),
+    for flag, value in (("--tracking-uri", opts.tracking_uri and optuna_store.redact(opts.tracking_uri)),
                         ("--experiment", None if opts.experiment == DEFAULT_EXPERIMENT else opts.experiment),
                         ("--storage-path", opts.storage_path),
                         ("--optuna-storage", opts.optuna_storage and optuna_store.redact(opts.optuna_storage)),

@@ -82,7 +82,8 @@ DATASET_DIGEST_CHARS = 32
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
-    """--tracking-uri, else MLFLOW_TRACKING_URI, else a SQLite file in the working directory.
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else a SQLite file in the working directory,
+    without credentials (`move_credentials_to_env`).
 
     Made absolute because Ray trials run with another working directory.
     """
@@ -93,7 +94,110 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
         return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
     if "://" not in uri:  # a bare path means a file store directory
         return str(Path(uri).resolve())
-    return uri
+    return move_credentials_to_env(uri)
+
+
+#: Where a credential taken out of a tracking URI goes: the environment variables MLflow's
+#: HTTP client (basic auth) and libpq (a PostgreSQL backend store) read.
+CREDENTIAL_ENV = {"http": ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"),
+                  "postgresql": (None, "PGPASSWORD")}
+
+
+def move_credentials_to_env(uri: str) -> str:
+    """The URI without its password, which goes to this process's environment instead.
+
+    Why: a URI is copied everywhere (run tags, printed commands, `--json`, Ray's pickled
+    trial context under the storage path, worker logs); an environment variable is not, and
+    local Ray workers inherit it. An http(s) URI loses `user:password@` to
+    MLFLOW_TRACKING_USERNAME/PASSWORD; a postgresql one keeps its user and loses its
+    password to PGPASSWORD. Nodes of a remote Ray cluster need these variables set
+    themselves, like RAY_AUTH_TOKEN.
+    """
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    scheme = parts.scheme.split("+")[0]
+    family = "http" if scheme in ("http", "https") else scheme
+    if family not in CREDENTIAL_ENV or parts.password is None:
+        return uri
+    user_var, password_var = CREDENTIAL_ENV[family]
+    host = parts.netloc.rsplit("@", 1)[1]
+    if user_var is not None:
+        os.environ[user_var] = unquote(parts.username or "")
+        netloc = host
+    else:
+        netloc = f"{parts.username}@{host}" if parts.username else host
+    os.environ[password_var] = unquote(parts.password)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+# -- the tracking server being unreachable ---------------------------------------------------
+
+#: MLflow's HTTP client retries a failed call with exponential backoff: by default 7 retries,
+#: about 250 s of silence per call while a server is down. hpn-tune bounds it to 5 retries
+#: (backoff 0+4+8+16+32 s: about 60 s), which still rides out a 30 s restart, with a 60 s
+#: timeout per attempt. Set the variables yourself to choose otherwise.
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5",
+                       "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+
+
+def bound_http_retries() -> float:
+    """Apply HTTP_RETRY_DEFAULTS where the user set nothing (in this process, and so in the
+    local Ray workers it starts); returns how long one call may retry, in seconds."""
+    for key, value in HTTP_RETRY_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    retries = int(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
+    factor = float(os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"])
+    return sum(factor * 2 ** (n - 1) for n in range(2, retries + 1))
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether `exc` (from an MLflow call) means the tracking server did not answer, after
+    MLflow's retries: connection refused or reset, a timeout, or only 5xx answers. Other
+    errors (a bad request, a missing run) are real and are raised as they are."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                        ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, MlflowException):
+        text = str(exc)
+        return text.startswith("API request to") and (
+            "failed with exception" in text or "failed to return code 200" in text
+            or "Max retries exceeded" in text)
+    return False
+
+
+def server_answers(uri: str, timeout: float = 5.0) -> str | None:
+    """None when the MLflow server at `uri` answers its /health page (or the store is not
+    a server); else why not, in a few words. One quick try, no MLflow retries."""
+    import requests
+
+    if not uri.startswith(("http://", "https://")):
+        return None
+    auth = None
+    if os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        auth = (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout, auth=auth)
+    except requests.exceptions.ConnectionError as exc:
+        reason = str(exc)
+        return "connection refused" if "refused" in reason.lower() else "cannot connect"
+    except requests.exceptions.Timeout:
+        return f"no answer within {timeout:.0f} s"
+    except requests.exceptions.RequestException as exc:
+        return type(exc).__name__
+    return None  # any HTTP answer: the server is up (a proxy may not route /health)
+
+
+def check_server(uri: str) -> None:
+    """Fail in seconds, before anything starts, when the MLflow server does not answer."""
+    reason = server_answers(uri)
+    if reason is not None:
+        raise HPNInputError(f"--tracking-uri: the MLflow server at {uri} does not answer "
+                            f"({reason}); start it or fix --tracking-uri (or MLFLOW_TRACKING_URI)")
 
 
 def is_local_store(uri: str) -> bool:
@@ -257,18 +361,25 @@ def close_unclosed_trial_run(tracking_uri: str, experiment_id: str, parent_run_i
     or failed), from the driver, with `metrics` it lacks (time and peak memory from its last
     report); a run the trial already closed is left as it is."""
     client = MlflowClient(tracking_uri)
+    run = find_trial_run(client, experiment_id, parent_run_id, trial_id)
+    if run is not None and not run.data.tags.get(STATE_TAG):
+        missing = {k: v for k, v in (metrics or {}).items() if k not in run.data.metrics}
+        if missing:
+            now = int(time.time() * 1000)
+            client.log_batch(run.info.run_id,
+                             metrics=[Metric(k, float(v), now, 0) for k, v in missing.items()])
+        close_trial_run(client, run.info.run_id, state, reason)
+
+
+def find_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str,
+                   trial_id: str) -> Any | None:
+    """The run of the study's Ray trial `trial_id`, or None before the trial made it."""
     runs = client.search_runs(
         [experiment_id],
         f"tags.`{PARENT_TAG}` = '{parent_run_id}' AND tags.`{TRIAL_ID_TAG}` = '{trial_id}'",
         max_results=1,
     )
-    if runs and not runs[0].data.tags.get(STATE_TAG):
-        missing = {k: v for k, v in (metrics or {}).items() if k not in runs[0].data.metrics}
-        if missing:
-            now = int(time.time() * 1000)
-            client.log_batch(runs[0].info.run_id,
-                             metrics=[Metric(k, float(v), now, 0) for k, v in missing.items()])
-        close_trial_run(client, runs[0].info.run_id, state, reason)
+    return runs[0] if runs else None
 
 
 def close_interrupted_trial_runs(client: MlflowClient, experiment_id: str, parent: str,
@@ -284,6 +395,23 @@ def close_interrupted_trial_runs(client: MlflowClient, experiment_id: str, paren
     return closed
 
 
+def close_left_open_trial_runs(client: MlflowClient, experiment_id: str, parent: str,
+                               statuses: dict[str, str]) -> int:
+    """Runs still open although Ray holds their trial as ended: closed, as an error, when
+    neither the trial nor the driver could reach the MLflow server to close them (a study
+    never leaves a run RUNNING once it finished). Returns how many."""
+    closed = 0
+    for run in trial_runs(client, experiment_id, parent):
+        status = statuses.get(run.data.tags.get(TRIAL_ID_TAG, ""))
+        if run.info.status == "RUNNING" and not run.data.tags.get(STATE_TAG) \
+                and status in ("TERMINATED", "ERROR"):
+            close_trial_run(client, run.info.run_id, "error",
+                            f"Ray ended this trial ({status}) while the MLflow server did not "
+                            "answer, and nothing recorded how; closed by the study afterwards.")
+            closed += 1
+    return closed
+
+
 def _param_value(value: Any) -> str:
     return str(value)[:6000]
 
@@ -295,22 +423,19 @@ class TrialRun:
                  study: str, params: dict[str, Any], tags: dict[str, str] | None = None,
                  number: int | None = None) -> None:
         self.client = MlflowClient(tracking_uri)
+        self.unsent = []
         where = {NODE_TAG: socket.gethostname(), **(tags or {})}  # node and repeat tags
-        existing = self.client.search_runs(
-            [experiment_id],
-            f"tags.`{PARENT_TAG}` = '{parent_run_id}' AND tags.`{TRIAL_ID_TAG}` = '{trial_id}'",
-            max_results=1,
-        )
+        existing = find_trial_run(self.client, experiment_id, parent_run_id, trial_id)
         #: final metrics when this trial already finished (a resumed study replays them)
         self.finished_metrics: dict[str, float] | None = None
-        if existing:
-            self.run_id = existing[0].info.run_id
-            if existing[0].data.tags.get(STATE_TAG) == "completed":
-                self.finished_metrics = dict(existing[0].data.metrics)
+        if existing is not None:
+            self.run_id = existing.info.run_id
+            if existing.data.tags.get(STATE_TAG) == "completed":
+                self.finished_metrics = dict(existing.data.metrics)
                 return
             self.client.update_run(self.run_id, status="RUNNING")
             for stale in (STATE_TAG, ERROR_TAG, NOTE_TAG):  # from the interrupted attempt
-                if stale in existing[0].data.tags:
+                if stale in existing.data.tags:
                     self.client.delete_tag(self.run_id, stale)
             # A resumed trial may run on another node than its first attempt did.
             self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in where.items()])
@@ -326,18 +451,45 @@ class TrialRun:
                 self.run_id, params=[Param(k, _param_value(v)) for k, v in sorted(params.items())]
             )
 
+    #: metric points not yet accepted by the server (it was unreachable): sent with the
+    #: next call, or kept in the outbox (`tuning.outbox`) with the trial's final record
+    unsent: list[Metric]
+
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        """Log (with any points the server missed before); while the server is unreachable
+        the points wait for the next call instead of failing the trial."""
         import math
         import time
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and math.isfinite(v)]
-        if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+        self.unsent = getattr(self, "unsent", [])
+        self.unsent += [Metric(k, float(v), now, step) for k, v in metrics.items()
+                        if isinstance(v, (int, float)) and math.isfinite(v)]
+        try:
+            self.flush()
+        except Exception as exc:
+            if not is_unreachable(exc):
+                raise
+            print(f"hpn-tune: trial run {self.run_id}: the MLflow server does not answer; "
+                  f"{len(self.unsent)} metric points wait for it", flush=True)
+
+    def flush(self) -> None:
+        """Send the points waiting for the server (MLflow takes at most 1000 per call)."""
+        while self.unsent:
+            self.client.log_batch(self.run_id, metrics=self.unsent[:1000])
+            del self.unsent[:1000]
 
     def end(self, state: str, reason: str | None = None) -> None:
-        close_trial_run(self.client, self.run_id, state, reason)
+        """Close the run; when the server does not answer, the driver closes it after the
+        study (`close_left_open_trial_runs`) and this trial's own error stays the one seen."""
+        try:
+            self.flush()
+            close_trial_run(self.client, self.run_id, state, reason)
+        except Exception as exc:
+            if not is_unreachable(exc):
+                raise
+            print(f"hpn-tune: trial run {self.run_id}: the MLflow server does not answer; "
+                  f"the study closes this run as {state} when it is back", flush=True)
 
 
 # -- the study's parent run -----------------------------------------------------------------

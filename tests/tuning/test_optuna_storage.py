@@ -125,3 +125,66 @@ def test_an_extension_stopped_before_ray_saved_anything_starts_over(tmp_path):
     assert _legs_to_run(plan(*legs, trials=5), "s", str(tmp_path), "FINISHED") == []
     with pytest.raises(HPNInputError, match="--resume: no saved Ray state for 's'"):
         _legs_to_run(plan(legs[0], trials=3), "s", str(tmp_path), "KILLED")
+
+
+def test_two_new_studies_claiming_one_name_at_once_leave_one_winner(tmp_path):
+    """Both are past the MLflow check (neither has its parent run yet): the claim decides."""
+    import threading
+
+    from hpn.errors import HPNInputError
+    from tuning.study import StudyOptions, _new_plan
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    opts = StudyOptions(space="quick", name="race", optuna_storage=url)
+    start = threading.Barrier(2)
+    outcomes: list[object] = []
+
+    def new_study() -> None:
+        start.wait()
+        try:
+            outcomes.append(_new_plan(opts, "", "race"))
+        except HPNInputError as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=new_study) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    errors = [o for o in outcomes if isinstance(o, HPNInputError)]
+    assert len(outcomes) == 2 and len(errors) == 1
+    assert str(errors[0]).startswith("--name: study name 'race' is taken in the Optuna storage")
+    assert "\n" not in str(errors[0])
+    assert optuna.get_all_study_names(url) == ["race"]
+
+
+@pytest.mark.parametrize("sampler,mode", [("tpe", "max"), ("nsga2", ["max", "min"])])
+def test_the_claimed_study_is_the_one_the_searcher_opens_with_its_directions(
+        tmp_path, sampler, mode):
+    from tuning.study import StudyOptions, _new_plan
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    _new_plan(StudyOptions(space="quick", name="s", optuna_storage=url, sampler=sampler), "", "s")
+    claimed = optuna.load_study(study_name="s", storage=url)
+    metric = [M.VAL_ACCURACY, M.PEAK_RSS_MB] if isinstance(mode, list) else M.VAL_ACCURACY
+    search = StudySearch(space=_space, metric=metric, mode=mode, storage=open_storage(url),
+                         sampler=optuna.samplers.RandomSampler(seed=0), study_name="s")
+    assert search._ot_study._study_id == claimed._study_id
+    modes = mode if isinstance(mode, list) else [mode]
+    wanted = [optuna.study.StudyDirection.MAXIMIZE if m == "max" else
+              optuna.study.StudyDirection.MINIMIZE for m in modes]
+    assert claimed.directions == wanted
+    assert optuna.get_all_study_names(url) == ["s"]
+
+
+def test_a_released_claim_frees_the_name_but_a_study_with_trials_is_never_deleted(tmp_path):
+    from tuning.optuna_store import claim_study, release_study, study_exists
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert claim_study(storage, "a", ["maximize"])
+    assert not claim_study(storage, "a", ["maximize"])
+    release_study(storage, "a")
+    assert claim_study(storage, "a", ["maximize"])  # free again
+    optuna.load_study(study_name="a", storage=storage).ask()
+    release_study(storage, "a")
+    assert study_exists(storage, "a")

@@ -1,4 +1,6 @@
-"""The model registry end to end: register, promote behind the gate, roll back, predict, serve.
+"""The model registry end to end: register, promote behind the gate, roll back, predict, serve;
+nothing bad registered or promoted (a diverged model, a study's own run, a study metric, a
+model that no longer loads).
 
 Real objects throughout: models trained with `hpn.train.train`, logged as our pyfunc (an MLflow
 LoggedModel) from a trial-like MLflow run, registered with `register_run`, and every contract
@@ -26,14 +28,20 @@ from mlflow.tracking import MlflowClient
 from hpn import metrics as M
 from hpn.config import load_config
 from hpn.errors import HPNInputError
+from hpn.model import WEIGHTS_FILE
 from hpn.train import PreparedData, TrainResult, prepare_data, train
 from tuning.cli import main
+from tuning.model_check import output_problem
 from tuning.pyfunc import MODEL_ARTIFACT, log_pyfunc, run_model, save_pyfunc
 from tuning.registry import (
     CHAMPION,
     MODEL_CARD_FILE,
+    NOT_REGISTERED_TAG,
     PREVIOUS,
     PromotionRefused,
+    RegistrationRefused,
+    baseline_problem,
+    check_margin,
     promote,
     register_run,
     rollback,
@@ -60,6 +68,10 @@ TRIALS = {
     "good": ["train.epochs=8", "train.optimizer=adam", "train.lr=0.005"],
     "best": ["train.epochs=6"],
 }
+#: A trial whose lr is so high it learns nothing: val_accuracy below the validation majority
+#: baseline (asserted by the `trained` fixture).
+DIVERGED = {"diverged": ["train.epochs=3", "train.lr=1e6", "model.prototype_dim=8"]}
+CONFIGS = {**TRIALS, **DIVERGED}
 
 
 @dataclass
@@ -81,6 +93,7 @@ class Store:
     kind: str
     uri: str
     client: MlflowClient
+    parent: str  # the study's own run: no model, study-level metrics
     run_ids: dict[str, str] = field(default_factory=dict)
 
     def register(self, model_name: str, *keys: str) -> list[str]:
@@ -93,21 +106,28 @@ class Store:
         """Alias -> version; the stores differ in whether a version number is an int or a str."""
         return {a: str(v) for a, v in self.client.get_registered_model(model_name).aliases.items()}
 
+    def versions(self, model_name: str) -> list[str]:
+        """Every registered version of `model_name` (none when it was never created)."""
+        return sorted(str(v.version) for v in self.client.search_model_versions(f"name = '{model_name}'"))
+
 
 @pytest.fixture(scope="module")
 def trained(cache_dir: str) -> Trained:
     base = ["data.size=600", f"encoder.cache_dir={cache_dir}", "model.prototype_dim=32",
             "train.batch_size=64"]
     data = prepare_data(load_config(None, base))
-    results = {key: train(load_config(None, base + extra), data) for key, extra in TRIALS.items()}
+    results = {key: train(load_config(None, base + extra), data) for key, extra in CONFIGS.items()}
     accuracies = [results[k].metrics[M.VAL_ACCURACY] for k in TRIALS]
     assert accuracies == sorted(set(accuracies)), f"trials no longer rise in accuracy: {accuracies}"
+    diverged = results["diverged"].metrics
+    assert diverged[M.VAL_ACCURACY] < diverged[M.VAL_MAJORITY_BASELINE_ACCURACY], diverged
+    assert min(accuracies) > diverged[M.VAL_MAJORITY_BASELINE_ACCURACY] + M.DEFAULT_BASELINE_MARGIN
     return Trained(data, results)
 
 
-def _log_study(client: MlflowClient, uri: str, trained: Trained) -> dict[str, str]:
-    """What `run_study` leaves behind: a study run, and trial runs carrying the corpus as their
-    dataset input, params, metrics and the model."""
+def _log_study(client: MlflowClient, uri: str, trained: Trained) -> tuple[str, dict[str, str]]:
+    """What `run_study` leaves behind: a study run with its study-level metrics, and trial runs
+    carrying the corpus as their dataset input, params, metrics and the model."""
     experiment_id = ensure_experiment(client, "hpn-tune", uri)
     parent = client.create_run(experiment_id, run_name=STUDY, tags={
         STUDY_TAG: STUDY, ROLE_TAG: "study", "hpn.dataset_fingerprint": trained.data.fingerprint,
@@ -122,7 +142,7 @@ def _log_study(client: MlflowClient, uri: str, trained: Trained) -> dict[str, st
         })
         run_id = run.info.run_id
         cfg = load_config(None, ["data.size=600", "model.prototype_dim=32", "train.batch_size=64",
-                                 *TRIALS[key]])
+                                 *CONFIGS[key]])
         for name, value in sorted(cfg.to_flat().items()):
             client.log_param(run_id, name, str(value))
         log_dataset(client, run_id, dataset)
@@ -131,8 +151,11 @@ def _log_study(client: MlflowClient, uri: str, trained: Trained) -> dict[str, st
         log_pyfunc(client, run_id, result.model)
         client.set_terminated(run_id, "FINISHED")
         run_ids[key] = run_id
+    best = trained.results["best"].metrics
+    client.log_metric(parent, "best_val_accuracy", best[M.VAL_ACCURACY])
+    client.log_metric(parent, "best_test_accuracy", best[M.TEST_ACCURACY])
     client.set_terminated(parent, "FINISHED")
-    return run_ids
+    return parent, run_ids
 
 
 @pytest.fixture(scope="module", params=["sqlite", "server"])
@@ -143,7 +166,7 @@ def store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     else:
         uri = request.getfixturevalue("mlflow_server")
     client = MlflowClient(uri, uri)
-    return Store(request.param, uri, client, _log_study(client, uri, trained))
+    return Store(request.param, uri, client, *_log_study(client, uri, trained))
 
 
 @pytest.fixture
@@ -288,6 +311,172 @@ def test_two_racing_promotions_leave_exactly_one_of_the_candidates_as_champion(s
         assert str(champion.version) == aliases[CHAMPION] and champion.status == "READY"
     files = store.client.list_logged_model_artifacts(run_model(store.client, champion.run_id).model_id)
     assert "MLmodel" in {f.path for f in files}
+
+
+# -- nothing bad is registered or promoted ----------------------------------------------------
+
+@pytest.mark.parametrize(("val", "base", "margin", "passes"), [
+    (0.71, 0.19, 0.02, True),
+    (0.044, 0.189, 0.02, False),  # the diverged trial a probe found registered as champion
+    (0.20, 0.19, 0.02, False),  # above the baseline, but not by the margin
+    (0.25, 0.19, 0.10, False),  # a stricter margin
+    (float("nan"), 0.19, 0.0, False),
+])
+def test_the_baseline_check_wants_val_accuracy_above_the_validation_baseline_by_the_margin(
+        val, base, margin, passes):
+    problem = baseline_problem({M.VAL_ACCURACY: val, M.VAL_MAJORITY_BASELINE_ACCURACY: base}, margin)
+    assert (problem is None) == passes
+    if not passes:
+        assert "majority-class baseline" in problem and "\n" not in problem
+
+
+def test_the_baseline_check_never_reads_test_metrics():
+    good_on_test = {M.VAL_ACCURACY: 0.9, M.TEST_ACCURACY: 0.9, M.MAJORITY_BASELINE_ACCURACY: 0.19}
+    assert M.VAL_MAJORITY_BASELINE_ACCURACY in baseline_problem(good_on_test, 0.02)
+
+
+@pytest.mark.parametrize("margin", [-0.01, 1.0, float("nan")])
+def test_a_negative_or_impossible_margin_is_refused(margin):
+    with pytest.raises(HPNInputError, match="--baseline-margin"):
+        check_margin(margin)
+
+
+def test_the_output_check_wants_one_known_label_and_finite_scores_per_text():
+    texts = ["a nurse", "a lawyer"]
+    frame = pd.DataFrame({"label": ["health", "law"], "score": [0.5, 0.1],
+                          "score_health": [0.5, 0.0], "score_law": [0.2, 0.1]})
+    classes = {"health", "law"}
+
+    assert output_problem(frame, texts, classes) is None
+    assert "1 predictions for 2 texts" in output_problem(frame.head(1), texts, classes)
+    assert "not its classes: chef" in output_problem(frame.assign(label=["health", "chef"]), texts, classes)
+    assert "not all finite" in output_problem(frame.assign(score_law=[0.2, float("nan")]), texts, classes)
+    assert "no label column" in output_problem(frame.drop(columns="label"), texts, classes)
+
+
+def test_a_diverged_trial_is_neither_registered_nor_promoted_on_an_empty_registry(store, model_name):
+    diverged = store.run_ids["diverged"]
+
+    with pytest.raises(RegistrationRefused, match="majority-class baseline"):
+        register_run(store.client, diverged, model_name)
+    for force in (False, True):  # --force overrides the champion comparison, never this check
+        with pytest.raises(PromotionRefused, match="registration check: .*majority-class baseline"):
+            promote(store.client, model_name, run_id=diverged, force=force)
+
+    assert store.versions(model_name) == []
+
+
+def test_a_diverged_version_registered_before_the_check_is_not_made_champion(store, model_name):
+    run_id = store.run_ids["diverged"]
+    logged = run_model(store.client, run_id)
+    store.client.create_registered_model(model_name)  # as register_run did before the check
+    store.client.create_model_version(model_name, logged.artifact_location, run_id=run_id,
+                                      model_id=logged.model_id)
+
+    with pytest.raises(PromotionRefused, match="majority-class baseline"):
+        promote(store.client, model_name)
+
+    assert store.alias(model_name, CHAMPION) is None
+
+
+def test_promoting_a_study_run_registers_nothing_and_says_use_study(store, model_name, capsys):
+    store.register(model_name, "good")
+    before = store.versions(model_name)
+    capsys.readouterr()  # MLflow's own logging while registering
+
+    code = main(["promote", "--run-id", store.parent, "--model-name", model_name,
+                 "--tracking-uri", store.uri])
+
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"--study {STUDY}" in err and "holds no model" in err
+    assert store.versions(model_name) == before
+    assert store.alias(model_name, CHAMPION) is None
+
+
+@pytest.mark.parametrize("run", ["study", "good"])
+def test_promoting_on_a_study_metric_like_best_test_accuracy_is_refused_with_nothing_registered(
+        store, model_name, capsys, run):
+    run_id = store.parent if run == "study" else store.run_ids[run]
+
+    code = main(["promote", "--run-id", run_id, "--metric", "best_test_accuracy",
+                 "--model-name", model_name, "--tracking-uri", store.uri])
+
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("hpn-tune promote: error: --metric best_test_accuracy")
+    assert store.versions(model_name) == []
+
+
+def _log_trial(store: Store, result: TrainResult, run_name: str) -> str:
+    """A trial run of its own, for a test that damages its model."""
+    experiment_id = store.client.get_experiment_by_name("hpn-tune").experiment_id
+    run_id = store.client.create_run(experiment_id, run_name=run_name, tags={
+        PARENT_TAG: store.parent, STUDY_TAG: STUDY, ROLE_TAG: "trial", STATE_TAG: "completed",
+    }).info.run_id
+    for name, value in result.metrics.items():
+        store.client.log_metric(run_id, name, float(value))
+    log_pyfunc(store.client, run_id, result.model)
+    store.client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def test_a_model_whose_weights_were_corrupted_fails_the_fresh_process_check_and_is_not_promoted(
+        store, trained, model_name, tmp_path, capsys):
+    run_id = _log_trial(store, trained.results["good"], "corrupted-later")
+    version = register_run(store.client, run_id, model_name)  # it loads: registered
+    garbage = tmp_path / WEIGHTS_FILE
+    garbage.write_bytes(b"not a safetensors file")
+    store.client.log_model_artifact(run_model(store.client, run_id).model_id, str(garbage),
+                                    "artifacts/hpn")  # over the real weights
+    capsys.readouterr()
+
+    code = main(["promote", "--run-id", run_id, "--model-name", model_name, "--tracking-uri", store.uri])
+
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"hpn-tune promote: refused: version {version} fails the registration check")
+    assert "fresh process" in err
+    assert store.alias(model_name, CHAMPION) is None and store.versions(model_name) == [version]
+
+
+@pytest.mark.parametrize("command", [["rollback"], ["promote", "--study", STUDY]])
+def test_a_registry_command_on_a_missing_sqlite_file_exits_2_and_creates_no_store(
+        command, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+
+    code = main([*command, "--tracking-uri", "sqlite:///typo.db"])
+
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "--tracking-uri" in err and "typo.db" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_study_whose_best_trial_diverged_finishes_but_registers_nothing(
+        tmp_path, cache_dir, ray_runtime, model_name, capsys):
+    space = tmp_path / "diverged.yaml"
+    space.write_text("train.lr: {type: categorical, choices: [1000000.0]}\n"
+                     "model.prototype_dim: 8\ntrain.epochs: 3\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    code = main(["run", "--space", str(space), "--trials", "1", "--name", "diverged",
+                 "--tracking-uri", uri, "--storage-path", str(tmp_path / "ray"),
+                 "--optuna-storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--address", ray_runtime,
+                 "--scheduler", "fifo", "--max-concurrent", "1", "--model-name", model_name,
+                 "--set", "data.size=600", "--set", f"encoder.cache_dir={cache_dir}",
+                 "--set", "train.batch_size=64", "--json"])
+
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0
+    summary = json.loads(out[-1])
+    assert summary["trials_completed"] == 1 and summary["registered_version"] is None
+    reason = summary["registration_refused"]
+    assert "majority-class baseline" in reason and "\n" not in reason
+    assert reason.startswith(f"run {summary['best_run_id']} not registered: ") and reason in out
+    client = MlflowClient(uri, uri)
+    assert client.get_run(summary["parent_run_id"]).data.tags[NOT_REGISTERED_TAG] == reason
+    assert client.search_model_versions(f"name = '{model_name}'") == []
 
 
 # -- what a version carries ------------------------------------------------------------------

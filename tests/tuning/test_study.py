@@ -332,3 +332,174 @@ def test_an_interrupted_extension_resumes_with_the_printed_command(tmp_path, cac
     assert len(set(numbers)) == 5
     assert [t.state.name for t in trials if t.number in numbers] == ["COMPLETE"] * 5
     assert not [t for t in trials if t.state.name == "RUNNING"]
+
+
+def _local_env() -> dict[str, str]:
+    """This environment without RAY_ADDRESS: the process starts its own local Ray."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+def test_sigterm_stops_a_local_study_like_ctrl_c_and_it_resumes_to_the_end(tmp_path, cache_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # No --address: the driver starts its own Ray, whose SIGTERM handler it must not keep.
+    argv = [sys.executable, "-m", "tuning.cli", "run", "--space", "quick", "--trials", "3",
+            "--max-concurrent", "1", "--name", "sigterm", "--tracking-uri", uri,
+            "--storage-path", str(tmp_path / "ray"), "--scheduler", "fifo", "--no-register",
+            "--set", "data.size=600", "--set", f"encoder.cache_dir={cache_dir}",
+            "--set", "train.epochs=30"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_local_env())
+    client = MlflowClient(uri)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        time.sleep(1)
+        exp = client.get_experiment_by_name("hpn-tune")
+        if exp and client.search_runs([exp.experiment_id], f"tags.`{STATE_TAG}` = 'completed'"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "SIGABRT" not in err and "SIGTERM received" not in err and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("hpn-tune run: interrupted: study 'sigterm' stopped with ")
+    assert "continue it with: hpn-tune run --name sigterm --resume" in last
+    exp_id = client.get_experiment_by_name("hpn-tune").experiment_id
+    study = client.search_runs([exp_id], "tags.`hpn.role` = 'study'")[0]
+    assert study.info.status == "KILLED"
+    runs = trial_runs(client, exp_id, study.info.run_id)
+    assert runs and all(r.info.status != "RUNNING" for r in runs)
+
+    summary = run_study(StudyOptions(name="sigterm", resume=True, tracking_uri=uri,
+                                     storage_path=str(tmp_path / "ray"), register=False))
+    assert summary["parent_run_id"] == study.info.run_id and summary["trials_completed"] == 3
+    assert client.get_run(study.info.run_id).info.status == "FINISHED"
+
+
+def test_a_study_killed_before_ray_saved_its_state_resumes_from_its_start(
+        tmp_path, cache_dir, ray_runtime):
+    import shutil
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    optuna_url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    argv = [sys.executable, "-m", "tuning.cli", "run", "--space", "quick", "--trials", "3",
+            "--max-concurrent", "1", "--name", "early", "--tracking-uri", uri,
+            "--storage-path", str(tmp_path / "ray"), "--address", ray_runtime,
+            "--scheduler", "fifo", "--no-register", "--optuna-storage", optuna_url,
+            "--set", "data.size=600", "--set", f"encoder.cache_dir={cache_dir}",
+            "--set", "train.epochs=3"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    parent = None
+    while parent is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        if not (tmp_path / "mlflow.db").exists():
+            continue
+        try:
+            client = MlflowClient(uri)
+            exp = client.get_experiment_by_name("hpn-tune")
+            studies = exp and client.search_runs([exp.experiment_id], "tags.`hpn.role` = 'study'")
+        except Exception:  # noqa: BLE001, S112 (the driver is creating the store's tables)
+            continue
+        parent = studies[0].info.run_id if studies else None
+    proc.kill()  # SIGKILL: nothing of the driver's runs after this
+    proc.wait()
+    assert parent is not None, "the study's parent run never appeared"
+    # Whether or not Ray saved in that split second, the study is now one without Ray state.
+    shutil.rmtree(tmp_path / "ray" / "early", ignore_errors=True)
+
+    summary = run_study(StudyOptions(name="early", resume=True, tracking_uri=uri,
+                                     storage_path=str(tmp_path / "ray"),
+                                     optuna_storage=optuna_url, register=False))
+    client = MlflowClient(uri)
+    exp_id = client.get_experiment_by_name("hpn-tune").experiment_id
+    assert summary["parent_run_id"] == parent and summary["trials_completed"] == 3
+    studies = client.search_runs([exp_id], "tags.`hpn.role` = 'study'")
+    assert [r.info.run_id for r in studies] == [parent]
+    assert client.get_run(parent).info.status == "FINISHED"
+    runs = trial_runs(client, exp_id, parent)
+    assert all(r.info.status != "RUNNING" for r in runs)
+    assert len([r for r in runs if r.data.tags[STATE_TAG] != "lost"]) == 3
+    trials = _optuna_trials(optuna_url, "early")
+    assert not [t for t in trials if t.state.name == "RUNNING"]
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 3
+    assert all("hpn_orphaned" in t.user_attrs for t in trials if t.state.name == "FAIL")
+
+
+def test_a_resume_without_ray_state_starts_over_only_when_no_trial_of_it_ended(tmp_path):
+    import optuna
+
+    from hpn.errors import HPNInputError
+    from tuning.study import Leg, StudyPlan, _all_statuses, _legs_to_run
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=url, direction="maximize")
+    plan = StudyPlan(None, None, "tpe", "fifo", 0, 1, 3, 1, 1.0, None, url, (Leg("s", 3),))
+    storage = str(tmp_path / "ray")
+    # Killed after Tuner() wrote tuner.pkl, before fit() saved any state: not restorable.
+    (tmp_path / "ray" / "s").mkdir(parents=True)
+    (tmp_path / "ray" / "s" / "tuner.pkl").write_bytes(b"")
+    assert _all_statuses(storage, list(plan.legs)) == {}
+    study.ask()  # asked just before the kill, never run: no trial ended
+    assert _legs_to_run(plan, "s", storage, "RUNNING") == [(Leg("s", 3), "again")]
+    study.tell(study.ask(), 0.5)  # a trial ended: its Ray state is elsewhere (--storage-path)
+    with pytest.raises(HPNInputError, match="--resume: no saved Ray state for 's'"):
+        _legs_to_run(plan, "s", storage, "RUNNING")
+
+
+def test_a_trial_larger_than_any_ray_node_is_refused_before_the_study_starts(tmp_path, cache_dir):
+    from hpn.errors import HPNInputError
+    from tuning.optuna_store import open_storage, study_exists
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # the shared Ray runtime: one node, 4 CPUs and 1 GPU
+    with pytest.raises(HPNInputError, match=r"^--cpus-per-trial: 8 CPUs per trial, but the "
+                       r"largest Ray node has 4 \(nodes: 4 CPU/1 GPU\)$"):
+        run_study(options(tmp_path, cache_dir, uri, "too-big", cpus_per_trial=8))
+    # the same name again: the refused study gave its claim on the name back
+    with pytest.raises(HPNInputError, match=r"^--gpus-per-trial: 2 GPUs per trial, but the "
+                       r"largest Ray node has 1 \(nodes: 4 CPU/1 GPU\)$"):
+        run_study(options(tmp_path, cache_dir, uri, "too-big", gpus_per_trial=2))
+    client = MlflowClient(uri)
+    exp_id = client.get_experiment_by_name("hpn-tune").experiment_id
+    assert not client.search_runs([exp_id], "tags.`hpn.role` = 'study'")
+    assert not study_exists(open_storage(f"sqlite:///{tmp_path / 'optuna.db'}"), "too-big")
+
+
+def test_a_trial_needing_cpus_of_one_node_and_the_gpu_of_another_is_refused(monkeypatch):
+    from hpn.errors import HPNInputError
+    from tuning import ray_tune
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 8.0}},
+             {"Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0}},
+             {"Alive": False, "Resources": {"CPU": 16.0, "GPU": 4.0}}]  # gone: not counted
+    monkeypatch.setattr(ray_tune.ray, "nodes", lambda: nodes)
+    ray_tune.check_trial_fits(8, 0)
+    ray_tune.check_trial_fits(2, 1)
+    with pytest.raises(HPNInputError, match=r"^--cpus-per-trial, --gpus-per-trial: 4 CPUs and "
+                       r"1 GPU per trial, but no Ray node has both \(nodes: 8 CPU/0 GPU, "
+                       r"2 CPU/1 GPU\)$"):
+        ray_tune.check_trial_fits(4, 1)
+
+
+BIND_CHECK = """
+import json, os, psutil, ray
+from tuning.ray_tune import init_ray
+
+init_ray(None)
+ray.get([ray.remote(lambda: os.getpid()).remote() for _ in range(2)])  # workers listen too
+tree = {p.pid: p.name() for p in [psutil.Process(), *psutil.Process().children(recursive=True)]}
+print(json.dumps([[tree[c.pid], c.laddr.ip, c.laddr.port] for c in psutil.net_connections("inet")
+                  if c.status == psutil.CONN_LISTEN and c.pid in tree]))
+"""
+
+
+def test_a_local_ray_listens_on_the_loopback_address_only():
+    # A fresh process: this test session already runs a Ray of its own.
+    done = subprocess.run([sys.executable, "-c", BIND_CHECK], capture_output=True, text=True,
+                          timeout=240, env=_local_env(), cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr
+    listening = json.loads(done.stdout.strip().splitlines()[-1])
+    names = {name for name, _, _ in listening}
+    assert {"gcs_server", "raylet"} <= names, listening  # Ray's own servers, at least
+    # IPv4 on an IPv6 socket shows as ::ffff:127.0.0.1; "::" or 0.0.0.0 would be every interface
+    assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for _, ip, _ in listening), listening
