@@ -55,11 +55,15 @@ class TextEncoder(nn.Module):
             # float32 whatever the checkpoint stores: transformers 5 loads fp16/bf16 weights
             # as they are, and fp16 parameters break GradScaler when fine-tuning with AMP
             # ("Attempting to unscale FP16 gradients"); AMP does the half-precision work.
-            self.model = AutoModel.from_pretrained(path).float()
+            # Safetensors only: a `.bin` checkpoint is a pickle, and a saved model names its
+            # encoder, so loading a model would otherwise unpickle whatever that name holds.
+            self.model = AutoModel.from_pretrained(
+                path, use_safetensors=True, trust_remote_code=False).float()
         except OSError as exc:
             raise ConfigError(
                 f"encoder.name: cannot load {name!r} ({str(exc).splitlines()[0][:120]}); "
-                "give a local model path or a Hugging Face id available offline"
+                "give a local model path or a Hugging Face id available offline, with "
+                "safetensors weights (hpn-tune does not load pickled .bin checkpoints)"
             ) from None
         self.name, self.pooling, self.max_length = name, pooling, max_length
         self.width = int(self.model.config.hidden_size)

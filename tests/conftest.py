@@ -48,36 +48,55 @@ def ray_runtime():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
-    """A real MLflow tracking server and registry on 127.0.0.1, stopped at the end."""
+def start_mlflow_server(root, port: int):
+    """A real MLflow tracking server and registry on 127.0.0.1:`port`, its store and
+    artifacts under `root` (started again on the same root, it serves what it had), once it
+    answers. Its own process group, so a test can kill it outright."""
     import subprocess
     import sys
     import time
     import urllib.request
 
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
+        stdout=open(root / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True,
     )
-    url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
         try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError((root / "server.log").read_text()[-2000:])
+                stop_mlflow_server(proc)
+                raise RuntimeError((root / "server.log").read_text()[-2000:]) from None
             time.sleep(0.5)
-    yield url
-    proc.terminate()
+
+
+def stop_mlflow_server(proc, sig: int | None = None) -> None:
+    """Stop the server's whole process group (uvicorn's workers too); SIGKILL for a crash."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig or signal.SIGTERM)
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real MLflow tracking server and registry on 127.0.0.1, stopped at the end."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    proc = start_mlflow_server(root, port)
+    yield f"http://127.0.0.1:{port}"
+    stop_mlflow_server(proc)

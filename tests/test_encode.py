@@ -64,3 +64,18 @@ def test_top_layers_only_are_trainable():
     assert not model.model.embeddings.word_embeddings.weight.requires_grad
     with pytest.raises(ConfigError, match="trainable_layers"):
         model.freeze_except_top(7)
+
+
+def test_an_encoder_with_only_a_pickled_bin_checkpoint_is_refused(tmp_path):
+    """A saved model names its encoder; loading one must never unpickle a `.bin` checkpoint."""
+    import torch
+
+    from hpn.encode import DEFAULT_ENCODER, TextEncoder
+    from hpn.errors import ConfigError
+
+    encoder = TextEncoder(DEFAULT_ENCODER)
+    encoder.model.config.save_pretrained(tmp_path)
+    encoder.tokenizer.save_pretrained(tmp_path)
+    torch.save(encoder.model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ConfigError, match="does not load pickled .bin checkpoints"):
+        TextEncoder(str(tmp_path))

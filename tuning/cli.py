@@ -130,7 +130,7 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     elif summary.get("registration_refused"):
         print(summary["registration_refused"])  # "run <id> not registered: <why>"
     if summary.get("delivered_after_outage"):
-        print(f"{summary['delivered_after_outage']} trial runs were completed late, from the "
+        print(f"{summary['delivered_after_outage']} trial runs were recorded late, from the "
               "study's outbox: the MLflow server did not answer when they ended")
     print(f"browse it: hpn-tune ui --tracking-uri {summary['tracking_uri']}")
     return summary

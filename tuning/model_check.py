@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from typing import Any
 
 import pandas as pd
@@ -73,6 +74,7 @@ def check_in_fresh_process(model_uri: str, tracking_uri: str,
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTRY_URI": tracking_uri}
     try:
         proc = subprocess.run([sys.executable, "-m", "tuning.model_check", model_uri], env=env,
+                              cwd=tempfile.gettempdir(),  # `-m` puts cwd first on sys.path
                               capture_output=True, text=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired:
         return f"it did not load and predict within {timeout_s:.0f} s in a fresh process"

@@ -122,13 +122,19 @@ def __getattr__(name: str) -> Any:  # pickle finds the class by name here
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def remember(url: str) -> None:
+    """Let a storage pickled without its password (`SecretSafeStorage`) get it back when this
+    process unpickles it: called before Ray restores a study's searcher from its saved state."""
+    _FULL_URLS[without_password(url)] = url
+
+
 def open_storage(url: str) -> Any:
     """An RDBStorage on `url`; one line naming --optuna-storage when it cannot be opened."""
     if url.startswith("sqlite:///"):
         folder = Path(url[len("sqlite:///"):]).parent
         if not folder.is_dir():
             raise HPNInputError(f"--optuna-storage: folder {str(folder)!r} does not exist")
-    _FULL_URLS[without_password(url)] = url
+    remember(url)
     try:
         return _storage_class()(url, engine_kwargs={"pool_pre_ping": True})
     except Exception:  # noqa: BLE001 (tried once more, below)

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +32,13 @@ if TYPE_CHECKING:
     from hpn.model import HPNClassifier
 
 SUFFIX = ".outbox"
+TRIAL_ID = re.compile(r"[A-Za-z0-9_]{1,64}")  # Ray's trial ids: hex, maybe with `_00001`
+
+
+def _skip(path: Path, why: str) -> None:
+    """An entry left where it is, said once per delivery: it may belong to a study of the
+    same name in another MLflow store; delete it by hand if not."""
+    warnings.warn(f"outbox entry {path} left undelivered: {why}", stacklevel=3)
 
 
 def outbox_dir(storage_path: str, study: str) -> str | None:
@@ -52,7 +61,8 @@ class Outbox:
              model: HPNClassifier | None = None) -> Path:
         """Write one entry: the run's end (`state`, `reason`), the metric points the server
         has not got, and a completed trial's model."""
-        assert self.folder is not None, "no outbox for a study whose storage is a URI"
+        if self.folder is None:
+            raise RuntimeError("no outbox for a study whose --storage-path is a URI")
         self.folder.mkdir(parents=True, exist_ok=True)
         if model is not None:
             weights = self.folder / f"{trial_id}.hpn"
@@ -89,8 +99,13 @@ class Outbox:
         closed = 0
         for path in self.entries():
             entry = json.loads(path.read_text())
-            run = (client.get_run(entry["run_id"]) if entry["run_id"]
-                   else find_trial_run(client, experiment_id, parent_run_id, entry["trial_id"]))
+            if not TRIAL_ID.fullmatch(str(entry.get("trial_id"))):
+                _skip(path, "its trial id is not one Ray makes")
+                continue
+            run = find_trial_run(client, experiment_id, parent_run_id, entry["trial_id"])
+            if run is None and entry["run_id"]:  # not this study's run: another store's?
+                _skip(path, f"run {entry['run_id']} is not a trial run of this study here")
+                continue
             if run is not None and (path.name.endswith(".trial.json")
                                     or not run.data.tags.get(STATE_TAG)):
                 points = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in entry["metrics"]]

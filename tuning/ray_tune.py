@@ -214,11 +214,12 @@ def check_trial_fits(cpus: float, gpus: float) -> None:
         most = max((r.get(key, 0) for r in nodes), default=0)
         if need > most:
             raise HPNInputError(f"{flag}: {many(need, key)} per trial, but the largest Ray "
-                                f"node has {num(most)} (nodes: {shown})")
+                                f"node has {num(most)} (nodes: {shown}); give {flag} "
+                                f"{num(most)} or less")
     if not any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
         raise HPNInputError(f"--cpus-per-trial, --gpus-per-trial: {many(cpus, 'CPU')} and "
                             f"{many(gpus, 'GPU')} per trial, but no Ray node has both "
-                            f"(nodes: {shown})")
+                            f"(nodes: {shown}); ask for what one node has")
 
 
 def is_multi_node() -> bool:
@@ -370,8 +371,12 @@ class FinalizeTrialRuns(tune.Callback):
                                      self.ctx.parent_run_id, trial.trial_id, state, reason, metrics)
         except Exception as exc:
             outbox = Outbox(self.ctx.outbox)
-            if not is_unreachable(exc) or not outbox:
+            if not is_unreachable(exc):
                 raise
+            if not outbox:  # the study closes it when it ends (close_left_open_trial_runs)
+                print(f"hpn-tune: the MLflow server does not answer; trial {trial.trial_id}'s "
+                      f"run stays open until the study ends", flush=True)
+                return
             now = int(time.time() * 1000)
             outbox.keep(trial.trial_id, "driver", state, reason,
                         metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()])

@@ -181,21 +181,27 @@ def _new_plan(opts: StudyOptions, tracking_uri: str, name: str) -> StudyPlan:
                      resolve_scheduler(opts.scheduler, sampler, repeats), seed, repeats,
                      opts.trials or 12, opts.max_concurrent or 2, opts.cpus_per_trial or 1.0,
                      opts.gpus_per_trial, storage_url)
-    # Last, once nothing here can refuse the study: the name is claimed by creating the
-    # study's Optuna study (atomic; run_study releases it if the study stops before its
-    # parent run exists), with the directions _run_leg's searcher optimises: val_accuracy
-    # up and, for a multi-objective sampler, peak memory down.
+    return plan
+
+
+def _claim_name(plan: StudyPlan, name: str) -> None:
+    """Claim the study's name by creating its Optuna study (atomic: Optuna's study names are
+    unique in its database), just before the parent run is created, so two `hpn-tune run
+    --name X` started together cannot both start it. Just before, not at the name check: a
+    kill during the encode would otherwise leave a name claimed with no run to resume. The
+    directions are the ones _run_leg's searcher optimises (Ray's OptunaSearch keeps what is
+    stored): val_accuracy up and, for a multi-objective sampler, peak memory down."""
     from tuning.samplers import is_multi_objective
 
-    directions = ["maximize", "minimize"] if is_multi_objective(sampler) else ["maximize"]
-    if not optuna_store.claim_study(optuna_store.open_storage(storage_url), name, directions):
-        shown = optuna_store.redact(storage_url)
+    assert plan.optuna_storage is not None, "every new study has an Optuna storage"
+    directions = ["maximize", "minimize"] if is_multi_objective(plan.sampler) else ["maximize"]
+    if not optuna_store.claim_study(optuna_store.open_storage(plan.optuna_storage), name, directions):
+        shown = optuna_store.redact(plan.optuna_storage)
         raise HPNInputError(
             f"--name: study name {name!r} is taken in the Optuna storage {shown} (by an "
             "`hpn-tune run` with this name started just now, or by a study of a deleted MLflow "
             "store); pick another name, or if no such study runs, free it with: optuna "
             f"delete-study --study-name {name} --storage {shown}")
-    return plan
 
 
 def _resume_plan(opts: StudyOptions, parent_run: Any) -> StudyPlan:
@@ -361,7 +367,8 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
     else:
         if parent is not None:
             raise HPNInputError(f"--name: a study named {name!r} already exists; pass --resume or a new name")
-        plan = _new_plan(opts, tracking_uri, name)  # claims the name (its Optuna study)
+        plan = _new_plan(opts, tracking_uri, name)
+    claimed = False
     try:
         if is_multi_objective(plan.sampler) and plan.repeats > 1:
             raise HPNInputError(f"--repeats: the {plan.sampler} sampler optimises several "
@@ -390,12 +397,16 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
 
         data = prepare_data(plan.base, progress=opts.progress)
         _check_counts(plan.space, data.corpus.num_classes)
+        if parent is None:
+            _claim_name(plan, name)
+            claimed = True
         parent = _open_parent(client, experiment_id, parent, name, plan, gpus, data)
     except BaseException:
-        if not opts.resume and plan.optuna_storage:  # stopped before its run: free the name
-            import contextlib
+        import contextlib
 
-            with contextlib.suppress(Exception):  # what stopped the study is the error to show
+        with contextlib.suppress(Exception):  # what stopped the study is the error to show
+            if claimed and tracking.find_study_run(client, experiment_id, name) is None:
+                # stopped before its run existed: free the name
                 optuna_store.release_study(optuna_store.open_storage(plan.optuna_storage), name)
         raise
     try:
@@ -589,6 +600,8 @@ def _run_leg(client: Any, experiment_id: str, parent: str, name: str, tracking_u
                       enabled=opts.progress, **start),
         trial_offset=ctx.trial_offset)
     try:
+        if plan.optuna_storage:  # Ray's restored searcher holds it without its password
+            optuna_store.remember(plan.optuna_storage)
         ray_tune.run_tuner(plan.space.define_by_run(), sampler, data, ctx, settings,
                            mode == "restore", progress)
     except BaseException:

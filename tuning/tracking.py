@@ -118,8 +118,13 @@ def move_credentials_to_env(uri: str) -> str:
     parts = urlsplit(uri)
     scheme = parts.scheme.split("+")[0]
     family = "http" if scheme in ("http", "https") else scheme
-    if family not in CREDENTIAL_ENV or parts.password is None:
+    if parts.password is None:
         return uri
+    if family not in CREDENTIAL_ENV:
+        raise HPNInputError(
+            f"--tracking-uri: a password in a {scheme}:// URI would be copied into every run and "
+            "Ray's state; give it to the database driver instead (e.g. MySQL's ~/.my.cnf) and "
+            "drop it from the URI")
     user_var, password_var = CREDENTIAL_ENV[family]
     host = parts.netloc.rsplit("@", 1)[1]
     if user_var is not None:
@@ -127,19 +132,22 @@ def move_credentials_to_env(uri: str) -> str:
         netloc = host
     else:
         netloc = f"{parts.username}@{host}" if parts.username else host
-    os.environ[password_var] = unquote(parts.password)
+    if unquote(parts.password) != "***":  # a command copied from a tag or a printed line
+        os.environ[password_var] = unquote(parts.password)
     return urlunsplit(parts._replace(netloc=netloc))
 
 
 # -- the tracking server being unreachable ---------------------------------------------------
 
 #: MLflow's HTTP client retries a failed call with exponential backoff: by default 7 retries,
-#: about 250 s of silence per call while a server is down. hpn-tune bounds it to 5 retries
-#: (backoff 0+4+8+16+32 s: about 60 s), which still rides out a 30 s restart, with a 60 s
-#: timeout per attempt. Set the variables yourself to choose otherwise.
+#: about 250 s of silence per call while a server is down (and 120 s per attempt while one
+#: hangs). hpn-tune bounds it to 5 retries (backoff 0+4+8+16+32 s: about 60 s), which still
+#: rides out a 30 s restart, and to 15 s of silence per attempt (a model upload that is
+#: moving is not silent), so a hung server costs at most about 60 + 6 x 15 s per call. Set
+#: the variables yourself to choose otherwise.
 HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5",
                        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
-                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 
 
 def bound_http_retries() -> float:
@@ -159,45 +167,57 @@ def is_unreachable(exc: BaseException) -> bool:
     import requests
     from mlflow.exceptions import MlflowException
 
-    if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-                        ConnectionError, TimeoutError)):
-        return True
-    if isinstance(exc, MlflowException):
-        text = str(exc)
-        return text.startswith("API request to") and (
-            "failed with exception" in text or "failed to return code 200" in text
-            or "Max retries exceeded" in text)
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:  # MLflow wraps requests' errors
+        seen.add(id(exc))
+        if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                            ConnectionError, TimeoutError)):
+            return True
+        if isinstance(exc, MlflowException):
+            text = str(exc)  # MLflow 3.17 keeps only the text of what it caught
+            if text.startswith("API request to") and (
+                    "failed with exception" in text or "failed with timeout exception" in text
+                    or "Max retries exceeded" in text):
+                return True
+        exc = exc.__cause__ or exc.__context__
     return False
 
 
 def server_answers(uri: str, timeout: float = 5.0) -> str | None:
-    """None when the MLflow server at `uri` answers its /health page (or the store is not
-    a server); else why not, in a few words. One quick try, no MLflow retries."""
-    import requests
+    """None when the MLflow server at `uri` answers its /health page (or the store is not a
+    server); else why not, in a few words. One try through MLflow's own HTTP client, so its
+    TLS, token and basic-auth settings apply; no retries."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
 
     if not uri.startswith(("http://", "https://")):
         return None
-    auth = None
-    if os.environ.get("MLFLOW_TRACKING_USERNAME"):
-        auth = (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
     try:
-        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout, auth=auth)
-    except requests.exceptions.ConnectionError as exc:
-        reason = str(exc)
-        return "connection refused" if "refused" in reason.lower() else "cannot connect"
-    except requests.exceptions.Timeout:
-        return f"no answer within {timeout:.0f} s"
-    except requests.exceptions.RequestException as exc:
-        return type(exc).__name__
-    return None  # any HTTP answer: the server is up (a proxy may not route /health)
+        response = http_request(get_default_host_creds(uri), "/health", "GET", max_retries=0,
+                                timeout=timeout, raise_on_status=False)
+    except MlflowException as exc:
+        text = str(exc).lower()
+        if "timeout" in text:
+            return f"no answer within {timeout:.0f} s"
+        if "ssl" in text or "certificate" in text:
+            return ("TLS failed; see MLFLOW_TRACKING_SERVER_CERT_PATH or "
+                    "MLFLOW_TRACKING_INSECURE_TLS")
+        return "connection refused" if "refused" in text else "cannot connect"
+    if response.status_code in (401, 403):
+        return (f"HTTP {response.status_code}: credentials refused; set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    return None  # any other answer: the server is up (a proxy may not route /health)
 
 
 def check_server(uri: str) -> None:
     """Fail in seconds, before anything starts, when the MLflow server does not answer."""
     reason = server_answers(uri)
     if reason is not None:
+        fix = ("" if reason.startswith(("HTTP", "TLS")) else
+               "; start it or fix --tracking-uri (or MLFLOW_TRACKING_URI)")
         raise HPNInputError(f"--tracking-uri: the MLflow server at {uri} does not answer "
-                            f"({reason}); start it or fix --tracking-uri (or MLFLOW_TRACKING_URI)")
+                            f"({reason}){fix}")
 
 
 def is_local_store(uri: str) -> bool:
@@ -462,7 +482,6 @@ class TrialRun:
         import time
 
         now = int(time.time() * 1000)
-        self.unsent = getattr(self, "unsent", [])
         self.unsent += [Metric(k, float(v), now, step) for k, v in metrics.items()
                         if isinstance(v, (int, float)) and math.isfinite(v)]
         try:

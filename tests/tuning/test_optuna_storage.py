@@ -132,17 +132,17 @@ def test_two_new_studies_claiming_one_name_at_once_leave_one_winner(tmp_path):
     import threading
 
     from hpn.errors import HPNInputError
-    from tuning.study import StudyOptions, _new_plan
+    from tuning.study import StudyOptions, _claim_name, _new_plan
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    opts = StudyOptions(space="quick", name="race", optuna_storage=url)
+    plan = _new_plan(StudyOptions(space="quick", name="race", optuna_storage=url), "", "race")
     start = threading.Barrier(2)
     outcomes: list[object] = []
 
     def new_study() -> None:
         start.wait()
         try:
-            outcomes.append(_new_plan(opts, "", "race"))
+            outcomes.append(_claim_name(plan, "race"))
         except HPNInputError as exc:
             outcomes.append(exc)
 
@@ -161,10 +161,11 @@ def test_two_new_studies_claiming_one_name_at_once_leave_one_winner(tmp_path):
 @pytest.mark.parametrize("sampler,mode", [("tpe", "max"), ("nsga2", ["max", "min"])])
 def test_the_claimed_study_is_the_one_the_searcher_opens_with_its_directions(
         tmp_path, sampler, mode):
-    from tuning.study import StudyOptions, _new_plan
+    from tuning.study import StudyOptions, _claim_name, _new_plan
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    _new_plan(StudyOptions(space="quick", name="s", optuna_storage=url, sampler=sampler), "", "s")
+    _claim_name(_new_plan(StudyOptions(space="quick", name="s", optuna_storage=url,
+                                       sampler=sampler), "", "s"), "s")
     claimed = optuna.load_study(study_name="s", storage=url)
     metric = [M.VAL_ACCURACY, M.PEAK_RSS_MB] if isinstance(mode, list) else M.VAL_ACCURACY
     search = StudySearch(space=_space, metric=metric, mode=mode, storage=open_storage(url),

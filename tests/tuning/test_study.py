@@ -453,11 +453,11 @@ def test_a_trial_larger_than_any_ray_node_is_refused_before_the_study_starts(tmp
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # the shared Ray runtime: one node, 4 CPUs and 1 GPU
     with pytest.raises(HPNInputError, match=r"^--cpus-per-trial: 8 CPUs per trial, but the "
-                       r"largest Ray node has 4 \(nodes: 4 CPU/1 GPU\)$"):
+                       r"largest Ray node has 4 \(nodes: 4 CPU/1 GPU\); give --cpus-per-trial 4 or less$"):
         run_study(options(tmp_path, cache_dir, uri, "too-big", cpus_per_trial=8))
-    # the same name again: the refused study gave its claim on the name back
+    # the same name again: a refused study leaves its name free
     with pytest.raises(HPNInputError, match=r"^--gpus-per-trial: 2 GPUs per trial, but the "
-                       r"largest Ray node has 1 \(nodes: 4 CPU/1 GPU\)$"):
+                       r"largest Ray node has 1 \(nodes: 4 CPU/1 GPU\); give --gpus-per-trial 1 or less$"):
         run_study(options(tmp_path, cache_dir, uri, "too-big", gpus_per_trial=2))
     client = MlflowClient(uri)
     exp_id = client.get_experiment_by_name("hpn-tune").experiment_id

@@ -6,7 +6,6 @@ no finished trial and leaves no run open once it is back.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
@@ -16,13 +15,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_port, start_mlflow_server, stop_mlflow_server
 from mlflow.tracking import MlflowClient
 
-from conftest import free_port
 from tuning import optuna_store, tracking
 from tuning.pyfunc import run_model
 from tuning.study import StudyOptions, resume_command, run_study
@@ -50,19 +48,53 @@ def test_credentials_in_a_tracking_uri_move_to_the_environment(monkeypatch):
         == "postgresql+psycopg2://ann@db:5432/mlflow"
     assert os.environ["PGPASSWORD"] == "pw"
     assert tracking.resolve_tracking_uri("https://mlflow.example.org") == "https://mlflow.example.org"
+    # A command copied from a tag or a printed line: the environment's password stays.
+    assert tracking.resolve_tracking_uri("http://ann:***@mlflow:5000") == "http://mlflow:5000"
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "p@ss"
 
 
-def test_a_pickled_optuna_storage_holds_no_password(tmp_path):
-    """Ray pickles the searcher, storage included, into tuner.pkl and its checkpoints."""
+def test_a_pickled_optuna_storage_holds_no_password(tmp_path, monkeypatch):
+    """Ray pickles the searcher, storage included, into tuner.pkl and its checkpoints; a
+    process that was given the URL (a resumed study) gets the password back on unpickling."""
+    import optuna
+
+    # Unpickled, Optuna's storage connects at once; here only the URL it would use matters.
+    monkeypatch.setattr(optuna.storages.RDBStorage, "__setstate__",
+                        lambda self, state: self.__dict__.update(state))
     storage = optuna_store.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
-    storage.url = "postgresql://hpn:TopSecret@db/optuna"  # as opened with a password
-    optuna_store._FULL_URLS["postgresql://hpn@db/optuna"] = storage.url
-    blob = pickle.dumps(storage.__getstate__())
-    assert b"TopSecret" not in blob and b"postgresql://hpn@db/optuna" in blob
-    # This process opened it: unpickled here, the storage has its password back.
-    state = pickle.loads(blob)
-    state["url"] = optuna_store._FULL_URLS.get(state["url"], state["url"])
-    assert state["url"] == "postgresql://hpn:TopSecret@db/optuna"
+    storage.url = "postgresql+psycopg2://hpn:TopSecret@db/optuna"  # as if opened with a password
+    blob = pickle.dumps(storage)
+    assert b"TopSecret" not in blob and b"postgresql+psycopg2://hpn@db/optuna" in blob
+    assert pickle.loads(blob).url == "postgresql+psycopg2://hpn@db/optuna"  # not given: the driver's own
+    optuna_store.remember("postgresql+psycopg2://hpn:TopSecret@db/optuna")
+    assert pickle.loads(blob).url == "postgresql+psycopg2://hpn:TopSecret@db/optuna"
+
+
+def test_a_server_that_accepts_but_never_answers_counts_as_unreachable(monkeypatch):
+    """A hung server (not one refusing connections) must also send results to the outbox."""
+    import socket
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)
+        uri = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        assert tracking.server_answers(uri, timeout=1) == "no answer within 1 s"
+        with pytest.raises(Exception) as caught:
+            MlflowClient(uri).search_experiments()
+        assert tracking.is_unreachable(caught.value)
+    with pytest.raises(Exception) as refused:
+        MlflowClient(uri).search_experiments()  # the port is closed now
+    assert tracking.is_unreachable(refused.value)
+    assert not tracking.is_unreachable(ValueError("a real bug"))
+
+
+def test_a_password_in_a_uri_scheme_without_a_safe_place_for_it_is_refused():
+    from hpn.errors import HPNInputError
+
+    with pytest.raises(HPNInputError, match="--tracking-uri: a password in a mysql:// URI"):
+        tracking.resolve_tracking_uri("mysql+pymysql://ann:pw@db/mlflow")
 
 
 @pytest.mark.usefixtures("ray_runtime")
@@ -115,27 +147,7 @@ def test_a_tracking_server_that_does_not_answer_fails_the_study_in_seconds(tmp_p
 
 
 def _kill(server: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGKILL)
-    server.wait()
-
-
-def _start_server(root: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        stdout=open(root / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return proc
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                os.killpg(proc.pid, signal.SIGKILL)
-                raise RuntimeError((root / "server.log").read_text()[-2000:]) from None
-            time.sleep(0.5)
+    stop_mlflow_server(server, signal.SIGKILL)
 
 
 def test_a_server_killed_mid_study_loses_no_finished_trial_and_leaves_no_run_open(
@@ -147,7 +159,7 @@ def test_a_server_killed_mid_study_loses_no_finished_trial_and_leaves_no_run_ope
     root.mkdir()
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    server = _start_server(root, port)
+    server = start_mlflow_server(root, port)
     storage = tmp_path / "ray"
     # Short retries, so the outage outlasts them in seconds (the default bound is ~60 s).
     env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -182,13 +194,13 @@ def test_a_server_killed_mid_study_loses_no_finished_trial_and_leaves_no_run_ope
     assert len(list(outbox.glob("*.trial.json"))) == 1, last  # the trial that finished
     assert f"wait in {outbox}" in last
 
-    server = _start_server(root, port)
+    server = start_mlflow_server(root, port)
     try:
         printed = shlex.split(last.split("When it is back, ", 1)[1].split(" uploads what")[0])
         resumed = subprocess.run([sys.executable, "-m", "tuning.cli", *printed[1:]],
                                  capture_output=True, text=True, timeout=400, cwd=tmp_path, env=env)
         assert resumed.returncode == 0, resumed.stderr
-        assert "completed late, from the study's outbox" in resumed.stdout
+        assert "recorded late, from the study's outbox" in resumed.stdout
         exp = client.get_experiment_by_name("hpn-tune")
         runs = client.search_runs([exp.experiment_id])
         assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
@@ -200,4 +212,52 @@ def test_a_server_killed_mid_study_loses_no_finished_trial_and_leaves_no_run_ope
         assert sorted(m.step for m in history) == list(range(1, 9))  # epochs logged late too
         assert not outbox.exists()
     finally:
+        _kill(server)
+
+
+def test_a_server_restart_within_the_retry_window_goes_unnoticed(tmp_path, cache_dir, ray_runtime):
+    """What a 30 s restart is to the default ~60 s of retries, in test time: a server down
+    for several seconds with ~28 s of retries (4 retries, backoff factor 2): no outbox, no
+    error, every trial completed with its whole epoch history."""
+    root = tmp_path / "server"
+    root.mkdir()
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(root, port)
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
+           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2"}
+    study = subprocess.Popen(
+        [sys.executable, "-m", "tuning.cli", "run", "--space", "quick", "--trials", "2",
+         "--max-concurrent", "1", "--scheduler", "fifo", "--name", "blip", "--no-register",
+         "--tracking-uri", uri, "--storage-path", str(tmp_path / "ray"), "--address", ray_runtime,
+         "--set", "data.size=600", "--set", f"encoder.cache_dir={cache_dir}",
+         "--set", "train.epochs=6", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    client = MlflowClient(uri)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and study.poll() is None:  # a trial is training
+            exp = client.get_experiment_by_name("hpn-tune")
+            runs = exp and client.search_runs([exp.experiment_id], "tags.`hpn.role` = 'trial'")
+            if runs and client.get_metric_history(runs[0].info.run_id, "val_accuracy"):
+                break
+            time.sleep(0.5)
+        _kill(server)
+        down = time.time()
+        time.sleep(3)
+        server = start_mlflow_server(root, port)
+        outage = time.time() - down
+        out, err = study.communicate(timeout=400)
+        assert study.returncode == 0, err
+        summary = json.loads(out.strip().splitlines()[-1])
+        assert summary["trials_completed"] == 2 and summary["delivered_after_outage"] == 0
+        assert not (tmp_path / "ray" / "blip.outbox").exists()
+        assert "does not answer" not in out + err, f"a {outage:.0f} s outage was noticed"
+        for run in trial_runs(client, client.get_experiment_by_name("hpn-tune").experiment_id,
+                              summary["parent_run_id"]):
+            history = client.get_metric_history(run.info.run_id, "val_accuracy")
+            assert sorted(m.step for m in history) == list(range(1, 7))
+    finally:
+        if study.poll() is None:
+            study.kill()
         _kill(server)
