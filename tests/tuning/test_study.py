@@ -477,7 +477,7 @@ def test_a_trial_needing_cpus_of_one_node_and_the_gpu_of_another_is_refused(monk
     ray_tune.check_trial_fits(2, 1)
     with pytest.raises(HPNInputError, match=r"^--cpus-per-trial, --gpus-per-trial: 4 CPUs and "
                        r"1 GPU per trial, but no Ray node has both \(nodes: 8 CPU/0 GPU, "
-                       r"2 CPU/1 GPU\)$"):
+                       r"2 CPU/1 GPU\); ask for what one node has$"):
         ray_tune.check_trial_fits(4, 1)
 
 
