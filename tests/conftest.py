@@ -70,13 +70,14 @@ def start_mlflow_server(root, port: int):
             return proc
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
-                stop_mlflow_server(proc)
+                stop_process_group(proc)
                 raise RuntimeError((root / "server.log").read_text()[-2000:]) from None
             time.sleep(0.5)
 
 
-def stop_mlflow_server(proc, sig: int | None = None) -> None:
-    """Stop the server's whole process group (uvicorn's workers too); SIGKILL for a crash."""
+def stop_process_group(proc, sig: int | None = None) -> None:
+    """Stop a server started in its own process group, workers included (SIGTERM, SIGKILL
+    after 20 s; `sig=SIGKILL` for a crash), and whatever of the group outlived its parent."""
     import contextlib
     import os
     import signal
@@ -90,6 +91,8 @@ def stop_mlflow_server(proc, sig: int | None = None) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")
@@ -99,4 +102,4 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     port = free_port()
     proc = start_mlflow_server(root, port)
     yield f"http://127.0.0.1:{port}"
-    stop_mlflow_server(proc)
+    stop_process_group(proc)

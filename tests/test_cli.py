@@ -284,8 +284,8 @@ def test_main_turns_sigterm_into_a_ctrl_c_and_gives_the_old_handler_back(monkeyp
         signal.raise_signal(signal.SIGTERM)  # `kill`, `docker stop` while the command runs
         raise AssertionError("SIGTERM did not stop the command")
 
-    monkeypatch.setattr(cli, "cmd_prototypes", killed)
+    monkeypatch.setattr(cli, "cmd_run", killed)
     before = signal.getsignal(signal.SIGTERM)
-    code, _, err = run_cli(capsys, "prototypes", "--count", "2", "--dim", "2")
-    assert (code, err) == (130, "hpn-tune prototypes: interrupted\n")
+    code, _, err = run_cli(capsys, "run", "--space", "quick")
+    assert (code, err) == (130, "hpn-tune run: interrupted\n")
     assert signal.getsignal(signal.SIGTERM) is before  # main() in-process leaves it as it was

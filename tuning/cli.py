@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -125,15 +126,30 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
         _print_table(summary["best_config"])
     if summary.get("registered_version"):
         what = "registered as" if summary.get("registered_new") else "the best trial is already"
+        where = _store_flags(opts, model_name=True)
         print(f"{what} {opts.model_name} version {summary['registered_version']}; "
-              f"promote it with: hpn-tune promote --study {summary['study']}")
+              f"promote it with: hpn-tune promote --study {summary['study']}{where}")
     elif summary.get("registration_refused"):
         print(summary["registration_refused"])  # "run <id> not registered: <why>"
     if summary.get("delivered_after_outage"):
         print(f"{summary['delivered_after_outage']} trial runs were recorded late, from the "
               "study's outbox: the MLflow server did not answer when they ended")
-    print(f"browse it: hpn-tune ui --tracking-uri {summary['tracking_uri']}")
+    experiment = "" if opts.experiment == "hpn-tune" else f" --experiment {shlex.quote(opts.experiment)}"
+    print(f"browse it: hpn-tune ui --tracking-uri {shlex.quote(summary['tracking_uri'])}{experiment}")
     return summary
+
+
+def _store_flags(opts: Any, model_name: bool = False) -> str:
+    """The flags a printed follow-up command needs to find what this one used: the tracking
+    store (without credentials: they are in the environment) and a non-default model name."""
+    flags = ""
+    if opts.tracking_uri:
+        from tuning.tracking import resolve_tracking_uri
+
+        flags += f" --tracking-uri {shlex.quote(resolve_tracking_uri(opts.tracking_uri))}"
+    if model_name and opts.model_name != "hpn-persona":
+        flags += f" --model-name {shlex.quote(opts.model_name)}"
+    return flags
 
 
 def _client(tracking_uri: str | None) -> Any:
@@ -504,7 +520,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     previous = None
-    if threading.current_thread() is threading.main_thread():  # signal.signal needs it
+    # A study only: its driver must end interrupted and resumable. The servers (serve, ui,
+    # dashboard) keep their own SIGTERM handling (uvicorn's graceful stop, or the default).
+    if args.command == "run" and threading.current_thread() is threading.main_thread():
         previous = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)  # tuning.ray_tune.init_ray keeps it
     try:

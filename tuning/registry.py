@@ -74,8 +74,10 @@ def baseline_problem(metrics: dict[str, float], margin: float) -> str | None:
                 "hpn-tune logged it); train it again")
     if val is None or not math.isfinite(val) or val - base <= margin:
         shown = "none" if val is None else f"{val:.4f}"
+        why = ("diverged or untrained" if val is None or not math.isfinite(val) or val <= base
+               else "--baseline-margin asks for more")
         return (f"its {M.VAL_ACCURACY} {shown} does not beat the majority-class baseline "
-                f"{base:.4f} by more than {margin:g} (diverged or untrained)")
+                f"{base:.4f} by more than {margin:g} ({why})")
     return None
 
 

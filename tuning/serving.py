@@ -290,10 +290,16 @@ def ui(tracking_uri: str | None, port: int, host: str = "127.0.0.1",
        experiment: str = "hpn-tune") -> None:
     """`mlflow ui` on the store, printing the page of the experiment's runs (in the UI's model
     training mode; MLflow 3 opens on GenAI pages otherwise), or the front page before the
-    first study made the experiment."""
-    from tuning.tracking import experiment_id_if_any, runs_view_url
+    first study made the experiment. A tracking server is its own UI: its page is printed."""
+    from tuning.tracking import check_server, experiment_id_if_any, runs_view_url
 
     uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith(("http://", "https://")):  # a tracking server serves its own UI
+        bound_http_retries()
+        check_server(uri)
+        print(f"MLflow UI: the tracking server serves it at "
+              f"{runs_view_url(uri.rstrip('/'), experiment_id_if_any(uri, experiment))}", flush=True)
+        return
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # where a browser here finds it
     url = runs_view_url(f"http://{shown}:{port}", experiment_id_if_any(uri, experiment))
     print(f"MLflow UI for {uri} at {url}", flush=True)

@@ -227,3 +227,21 @@ def test_ui_prints_the_runs_page_of_the_experiment_or_the_front_page(tmp_path, m
 def test_a_new_experiment_is_marked_as_model_training(study):
     tags = study.client.get_experiment(study.experiment_id).tags
     assert tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND
+
+
+
+def test_ui_on_a_tracking_server_prints_the_servers_own_page_and_starts_nothing(
+        mlflow_server, monkeypatch, capsys):
+    """`mlflow ui` cannot open an http:// store (it wants a database): the server is the UI."""
+    from conftest import free_port
+
+    from hpn.errors import HPNInputError
+
+    started = []
+    monkeypatch.setattr(serving.os, "execvpe", lambda *a: started.append(a))
+    serving.ui(mlflow_server, 5999)
+    out = capsys.readouterr().out.strip()
+    assert out.startswith(f"MLflow UI: the tracking server serves it at {mlflow_server}")
+    assert started == []
+    with pytest.raises(HPNInputError, match="--tracking-uri: the MLflow server at .* does not answer"):
+        serving.ui(f"http://127.0.0.1:{free_port()}", 5999)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import free_port
+from conftest import free_port, stop_process_group
 from mlflow.tracking import MlflowClient
 
 from hpn import metrics as M
@@ -598,21 +597,6 @@ def _wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float =
             time.sleep(0.5)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """`serve` execs MLflow's server, which may fork workers: end the whole process group."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
-    try:  # workers that outlived their parent
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 def test_serve_answers_http_invocations_with_the_champions_predictions(
         store, trained, model_name, tmp_path):
     store.register(model_name, "good")
@@ -640,7 +624,7 @@ def test_serve_answers_http_invocations_with_the_champions_predictions(
             assert [p["label"] for p in predictions] == expected
             assert [p["score"] for p in predictions] == pytest.approx(scores.max(1), abs=1e-5)
     finally:
-        _stop(proc)
+        stop_process_group(proc)
     assert proc.poll() is not None
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import test_model_safety as safety
-from conftest import free_port
+from conftest import free_port, stop_process_group
 
 from hpn.errors import HPNInputError
 from tuning.cli import main
@@ -249,16 +248,6 @@ def _serve(args: list[str], log: Path) -> subprocess.Popen:
                                 start_new_session=True)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
-
-
 def test_hpn_tune_serve_checks_the_model_then_serves_it_with_its_body_cap(saved, tmp_path):
     port, log = free_port(), tmp_path / "serve.log"
     proc = _serve(["--model", str(saved[1]), "--port", str(port), "--max-body-mb", "0.01",
@@ -277,7 +266,7 @@ def test_hpn_tune_serve_checks_the_model_then_serves_it_with_its_body_cap(saved,
         assert _raw_response(port, HEAD % b"Content-Length: 10001").startswith(b"HTTP/1.1 413")
         assert _post(port, json.dumps({"inputs": {"text": [42]}}))[0] == 400
     finally:
-        _stop(proc)
+        stop_process_group(proc)
 
 
 def test_hpn_tune_serve_of_a_missing_alias_is_one_line_and_exit_2(tmp_path):

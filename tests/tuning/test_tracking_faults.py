@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port, start_mlflow_server, stop_mlflow_server
+from conftest import free_port, start_mlflow_server, stop_process_group
 from mlflow.tracking import MlflowClient
 
 from tuning import optuna_store, tracking
@@ -146,8 +146,20 @@ def test_a_tracking_server_that_does_not_answer_fails_the_study_in_seconds(tmp_p
     assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+def _wait_for_a_trained_epoch(client: MlflowClient, study: subprocess.Popen) -> None:
+    """Until a trial of the study has logged an epoch: the moment to pull the server."""
+    deadline = time.time() + 240
+    while time.time() < deadline and study.poll() is None:
+        exp = client.get_experiment_by_name("hpn-tune")
+        runs = exp and client.search_runs([exp.experiment_id], "tags.`hpn.role` = 'trial'")
+        if runs and client.get_metric_history(runs[0].info.run_id, "val_accuracy"):
+            return
+        time.sleep(0.5)
+    raise AssertionError("no trial trained an epoch: " + (study.stderr.read() if study.poll() else ""))
+
+
 def _kill(server: subprocess.Popen) -> None:
-    stop_mlflow_server(server, signal.SIGKILL)
+    stop_process_group(server, signal.SIGKILL)
 
 
 def test_a_server_killed_mid_study_loses_no_finished_trial_and_leaves_no_run_open(
@@ -173,13 +185,7 @@ def test_a_server_killed_mid_study_loses_no_finished_trial_and_leaves_no_run_ope
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
     try:
         client = MlflowClient(uri)
-        deadline = time.time() + 240
-        while time.time() < deadline and study.poll() is None:  # a trial is training
-            exp = client.get_experiment_by_name("hpn-tune")
-            runs = exp and client.search_runs([exp.experiment_id], "tags.`hpn.role` = 'trial'")
-            if runs and client.get_metric_history(runs[0].info.run_id, "val_accuracy"):
-                break
-            time.sleep(0.5)
+        _wait_for_a_trained_epoch(client, study)
         _kill(server)
         out, err = study.communicate(timeout=400)
     finally:
@@ -235,13 +241,7 @@ def test_a_server_restart_within_the_retry_window_goes_unnoticed(tmp_path, cache
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
     client = MlflowClient(uri)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and study.poll() is None:  # a trial is training
-            exp = client.get_experiment_by_name("hpn-tune")
-            runs = exp and client.search_runs([exp.experiment_id], "tags.`hpn.role` = 'trial'")
-            if runs and client.get_metric_history(runs[0].info.run_id, "val_accuracy"):
-                break
-            time.sleep(0.5)
+        _wait_for_a_trained_epoch(client, study)
         _kill(server)
         down = time.time()
         time.sleep(3)
