@@ -116,7 +116,8 @@ def _lost_server_message(tracking_uri: str, storage: str, name: str, opts: Study
     from tuning.outbox import Outbox, outbox_dir
 
     waiting = len(Outbox(outbox_dir(storage, name)).entries())
-    kept = (f"; {waiting} trial results wait in {outbox_dir(storage, name)}" if waiting else "")
+    kept = (f"; {waiting} trial records (models, metrics, run closes) wait in "
+            f"{outbox_dir(storage, name)}" if waiting else "")
     return (f"the MLflow server at {tracking_uri} stopped answering (each call is retried for "
             f"about {tracking.bound_http_retries():.0f} s: MLFLOW_HTTP_REQUEST_MAX_RETRIES){kept}. "
             f"When it is back, {resume_command(opts, name, opts.trials)} uploads what waits, "
