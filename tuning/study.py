@@ -178,6 +178,12 @@ def _new_plan(opts: StudyOptions, tracking_uri: str, name: str) -> StudyPlan:
     repeats = opts.repeats or 1
     sampler = opts.sampler or "tpe"
     storage_url = optuna_store.resolve_storage(opts.optuna_storage, tracking_uri)
+    if optuna_store.study_exists(optuna_store.open_storage(storage_url), name):
+        # Early, before the encode; the atomic claim (_claim_name) still decides a race.
+        raise HPNInputError(
+            f"--name: the Optuna storage {optuna_store.redact(storage_url)} already holds a study "
+            f"named {name!r} (from a deleted MLflow store?); pick another name or delete it "
+            f"with: optuna delete-study --study-name {name} --storage {optuna_store.redact(storage_url)}")
     plan = StudyPlan(space, _study_config(opts, space), sampler,
                      resolve_scheduler(opts.scheduler, sampler, repeats), seed, repeats,
                      opts.trials or 12, opts.max_concurrent or 2, opts.cpus_per_trial or 1.0,
