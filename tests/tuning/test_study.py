@@ -5,6 +5,7 @@ import json
 import os
 import shlex
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -177,8 +178,8 @@ def test_ctrl_c_stops_the_study_and_the_printed_command_resumes_it_to_the_end(
             "--storage-path", str(tmp_path / "ray"), "--address", ray_runtime,
             "--scheduler", "fifo", "--no-register", "--set", "data.size=600",
             "--set", f"encoder.cache_dir={cache_dir}", "--set", "train.epochs=30"]
+    client = MlflowClient(uri)  # the store made before the driver starts: no two migrations
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    client = MlflowClient(uri)
     deadline = time.time() + 240
     while time.time() < deadline:
         time.sleep(1)
@@ -347,9 +348,9 @@ def test_sigterm_stops_a_local_study_like_ctrl_c_and_it_resumes_to_the_end(tmp_p
             "--storage-path", str(tmp_path / "ray"), "--scheduler", "fifo", "--no-register",
             "--set", "data.size=600", "--set", f"encoder.cache_dir={cache_dir}",
             "--set", "train.epochs=30"]
+    client = MlflowClient(uri)  # the store made before the driver starts: no two migrations
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_local_env())
-    client = MlflowClient(uri)
     deadline = time.time() + 300
     while time.time() < deadline:
         time.sleep(1)
@@ -394,13 +395,15 @@ def test_a_study_killed_before_ray_saved_its_state_resumes_from_its_start(
         time.sleep(0.05)
         if not (tmp_path / "mlflow.db").exists():
             continue
+        # Read-only SQL, not an MlflowClient: a client on a store the driver is still creating
+        # runs MLflow's migrations too, and two at once break the store.
         try:
-            client = MlflowClient(uri)
-            exp = client.get_experiment_by_name("hpn-tune")
-            studies = exp and client.search_runs([exp.experiment_id], "tags.`hpn.role` = 'study'")
-        except Exception:  # noqa: BLE001, S112 (the driver is creating the store's tables)
+            with sqlite3.connect(f"file:{tmp_path / 'mlflow.db'}?mode=ro", uri=True) as db:
+                row = db.execute("SELECT run_uuid FROM tags WHERE key = 'hpn.role' "
+                                 "AND value = 'study'").fetchone()
+        except sqlite3.Error:  # the driver is creating the store's tables
             continue
-        parent = studies[0].info.run_id if studies else None
+        parent = row[0] if row else None
     proc.kill()  # SIGKILL: nothing of the driver's runs after this
     proc.wait()
     assert parent is not None, "the study's parent run never appeared"
