@@ -112,8 +112,14 @@ def test_the_final_metrics_are_linked_to_the_model_and_its_dataset(study):
 def test_the_models_tab_orders_models_by_validation_accuracy(study):
     best = study.client.search_logged_models(
         experiment_ids=[study.experiment_id],
-        order_by=[{"field_name": f"metrics.{M.VAL_ACCURACY}", "ascending": False}], max_results=1)
-    assert best[0].source_run_id == study.summary["best_run_id"]
+        order_by=[{"field_name": f"metrics.{M.VAL_ACCURACY}", "ascending": False}])
+    top = {m.key: m.value for m in best[0].metrics}[M.VAL_ACCURACY]
+    assert top == pytest.approx(study.summary["best_val_accuracy"])
+    # trials may tie on validation accuracy (3 epochs, ~90 validation texts): the study's best
+    # is then one of the models at the top, whichever order the tab shows ties in
+    tied = [m.source_run_id for m in best
+            if {x.key: x.value for x in m.metrics}[M.VAL_ACCURACY] == pytest.approx(top)]
+    assert study.summary["best_run_id"] in tied
 
 
 # -- the corpus is a dataset input -----------------------------------------------------------
