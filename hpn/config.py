@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import yaml
 
 from hpn.errors import ConfigError
+from hpn.tasks import TASKS
 
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -26,6 +27,8 @@ class DataConfig:
     path: str | None = None  # local JSONL / CSV / Parquet for source=file (or a PersonaHub copy)
     text_column: str = "text"  # PersonaHub's persona subset calls it "persona"
     label_column: str = "label"
+    target_column: str = "target"  # numeric target of a local file (regression, joint)
+    label_separator: str = "|"  # multilabel: a text label cell is split on it (a list cell is not)
     labels: str = "column"  # column | keywords | elite_domain (how labels are derived)
     size: int = 3000  # synthetic corpus size, or a cap on rows read (0 = all)
     seed: int = 0  # corpus generation and split seed
@@ -46,13 +49,15 @@ class EncoderConfig:
 
 @dataclass
 class ModelConfig:
+    task: str = "classification"  # classification | regression | multilabel | joint
     prototype_dim: int = 64
     prototypes_per_class: int = 1
     prototype_count: int = 0  # total prototypes (the seed's num_prototypes); 0 = classes x per class
     prototype_assignment: str = "per_class"  # per_class | extra_negatives (the seed: C + rest)
     prototype_mode: str = "fixed"  # fixed (the paper) | learned (the seed project)
-    loss: str = "auto"  # auto | squared_cosine | cross_entropy
+    loss: str = "auto"  # auto (per task) | squared_cosine | cross_entropy | binary_cross_entropy
     temperature: float = 0.1  # cosine scale for cross-entropy
+    decision: str = "auto"  # multilabel: auto | threshold | top_k, chosen on validation
 
 
 @dataclass
@@ -64,6 +69,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     separation_weight: float = 0.1  # learned prototypes only
+    regression_weight: float = 1.0  # joint: loss = classification + weight x regression
     amp: bool = True  # fp16 + GradScaler on CUDA, bf16 autocast on CPU
     seed: int = 0
     class_weights: bool = True  # inverse-frequency weights against class imbalance
@@ -104,7 +110,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "encoder.pooling": ("mean", "cls"),
     "model.prototype_mode": ("fixed", "learned"),
     "model.prototype_assignment": ("per_class", "extra_negatives"),
-    "model.loss": ("auto", "squared_cosine", "cross_entropy"),
+    "model.task": TASKS,
+    "model.loss": ("auto", "squared_cosine", "cross_entropy", "binary_cross_entropy"),
+    "model.decision": ("auto", "threshold", "top_k"),
     "train.optimizer": ("sgd", "adam"),
     "train.device": ("auto", "cpu", "cuda"),
 }
@@ -130,6 +138,7 @@ BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("train.momentum", 0, False),
     ("train.weight_decay", 0, False),
     ("train.separation_weight", 0, False),
+    ("train.regression_weight", 0, False),
     ("train.max_steps", 0, False),
 )
 
@@ -310,6 +319,14 @@ def validate(cfg: Config) -> None:
     if flat["model.prototype_assignment"] == "extra_negatives" and flat["model.loss"] == "squared_cosine":
         raise ConfigError("model.loss=squared_cosine: pulls each text to its class's prototype only, "
                           "so extra negatives would never train; use model.loss=cross_entropy")
+    if flat["model.loss"] == "binary_cross_entropy" and flat["model.task"] != "multilabel":
+        raise ConfigError(f"model.loss=binary_cross_entropy: scores each label on its own, for "
+                          f"model.task=multilabel only (got {flat['model.task']}); use auto")
+    if not flat["data.label_separator"]:
+        raise ConfigError("data.label_separator: must not be empty; give the text between labels "
+                          "in a label cell, e.g. '|'")
+    if not flat["data.target_column"].strip():
+        raise ConfigError("data.target_column: must not be empty; name the file's numeric column")
     if flat["data.source"] == "file" and not flat["data.path"]:
         raise ConfigError("data.path: required when data.source=file; set it to a JSONL, CSV or Parquet file")
     if flat["data.source"] == "synthetic" and flat["data.size"] < 100:

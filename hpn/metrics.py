@@ -50,3 +50,43 @@ FINAL_METRICS = (
     VAL_MAJORITY_BASELINE_ACCURACY,
     NUM_PROTOTYPES,
 )
+
+# -- regression (model.task=regression, and the regression half of joint) --------------------
+VAL_MAE = "val_mae"
+VAL_RMSE = "val_rmse"
+VAL_R2 = "val_r2"
+TEST_MAE = "test_mae"
+TEST_RMSE = "test_rmse"
+TEST_R2 = "test_r2"
+#: Always predicting the training split's mean target, scored on test (the issue's name) and on
+#: validation (what the registration check compares val_mae against).
+MEAN_BASELINE_MAE = "mean_baseline_mae"
+VAL_MEAN_BASELINE_MAE = "val_mean_baseline_mae"
+#: The target range [lo, hi] taken from the training split: the two opposite prototypes' ends.
+TARGET_LOW = "target_low"
+TARGET_HIGH = "target_high"
+
+# -- multi-label -----------------------------------------------------------------------------
+VAL_MICRO_F1 = "val_micro_f1"
+VAL_MACRO_F1 = "val_macro_f1"
+TEST_MICRO_F1 = "test_micro_f1"
+# TEST_MACRO_F1 above is shared with classification (same meaning: unweighted mean over labels)
+TEST_MICRO_PRECISION = "test_micro_precision"
+TEST_MACRO_PRECISION = "test_macro_precision"
+TEST_MICRO_RECALL = "test_micro_recall"
+TEST_MACRO_RECALL = "test_macro_recall"
+TEST_HAMMING_LOSS = "test_hamming_loss"
+TEST_SUBSET_ACCURACY = "test_subset_accuracy"
+#: Mean number of labels per text: predicted on test vs true on test (a model that predicts
+#: almost nothing shows here at once, where Hamming loss and accuracy hide it).
+TEST_PRED_CARDINALITY = "test_pred_label_cardinality"
+TEST_TRUE_CARDINALITY = "test_true_label_cardinality"
+#: Predicting the training split's most frequent label for every text; and predicting no label.
+MOST_FREQUENT_BASELINE_MICRO_F1 = "most_frequent_baseline_micro_f1"
+VAL_MOST_FREQUENT_BASELINE_MICRO_F1 = "val_most_frequent_baseline_micro_f1"
+ALL_NEGATIVE_BASELINE_MICRO_F1 = "all_negative_baseline_micro_f1"
+ALL_NEGATIVE_BASELINE_HAMMING_LOSS = "all_negative_baseline_hamming_loss"
+#: The decision rule chosen on validation: a cosine threshold, or top-k (the other is NaN-free:
+#: only the chosen rule's metric is logged).
+DECISION_THRESHOLD = "decision_threshold"
+DECISION_TOP_K = "decision_top_k"

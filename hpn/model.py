@@ -3,6 +3,12 @@
 Prototypes are laid out class-major (`hpn.prototypes.prototype_classes` says which class
 owns each; extra negatives own none); a class's score is its best prototype's cosine. A saved
 model is a safetensors file plus a JSON file, so loading one never unpickles arbitrary objects.
+
+Tasks (`model.task`, see hpn/tasks.py): classification and multilabel use the class head
+(`PrototypeHead`; multilabel has one prototype or several per label and a decision rule);
+regression has its own output space (`RegressionHead`: a projection and two opposite fixed
+prototypes); joint has both on the same embedding. `predict_all` returns a `Prediction` for
+any task; `predict` keeps returning (labels, scores) for the tasks with classes.
 """
 from __future__ import annotations
 
@@ -18,7 +24,10 @@ from torch import nn
 
 from hpn.config import EncoderConfig, ModelConfig
 from hpn.encode import TextEncoder, embed
+from hpn.losses import cosine_to_value
 from hpn.prototypes import fixed_prototypes, prototype_classes
+from hpn.task_metrics import DecisionRule
+from hpn.tasks import CLASSIFICATION, JOINT, MULTILABEL, REGRESSION, TASKS
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "hpn_model.json"
@@ -84,6 +93,36 @@ def initial_prototypes(num_classes: int, cfg: ModelConfig, seed: int, cache_dir:
     return rng.standard_normal((count, cfg.prototype_dim)).astype(np.float32)
 
 
+class RegressionHead(nn.Module):
+    """A regression output space: its own projection onto the sphere and two opposite fixed
+    prototypes (row 0 the upper end p, row 1 = -p); the output is the cosine with p."""
+
+    def __init__(self, in_dim: int, dim: int, prototypes: np.ndarray) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_dim, dim)
+        protos = F.normalize(torch.as_tensor(prototypes, dtype=torch.float32), dim=-1)
+        self.register_buffer("prototypes", protos)  # fixed, as in the paper
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.proj(x).float(), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """-> (batch,) cosine with the upper prototype, in [-1, 1]."""
+        return self.embed(x) @ self.prototypes[0].float()
+
+
+@dataclass
+class Prediction:
+    """What a model says about some texts, for any task (fields a task has no use for are None)."""
+
+    task: str
+    label_names: list[str]  # classes / labels; [] for regression
+    scores: np.ndarray | None  # (n, C) cosine per class/label; None for regression
+    labels: list[str] | None  # classification / joint: argmax class
+    label_sets: list[list[str]] | None  # multilabel: chosen by the saved decision rule
+    values: np.ndarray | None  # regression / joint: predicted target, (n,) float64
+
+
 @dataclass
 class ModelMeta:
     label_names: list[str]
@@ -91,40 +130,81 @@ class ModelMeta:
     model: dict
     encoder: dict
     fine_tuned_encoder: bool
+    # Added with tasks; a model saved before them has none of these and is a classifier.
+    task: str = CLASSIFICATION
+    target_low: float | None = None
+    target_high: float | None = None
+    target_name: str | None = None
+    decision: dict | None = None  # {"kind": "threshold", "threshold": t} | {"kind": "top_k", "k": k}
+
+
+#: What an untrained multilabel model (no rule chosen on validation yet) predicts with.
+DEFAULT_DECISION = DecisionRule("top_k", k=1)
 
 
 class HPNClassifier(nn.Module):
-    """Head plus what it needs to classify raw text: the encoder id (or fine-tuned encoder)."""
+    """Head(s) plus what they need to predict from raw text: the encoder id (or fine-tuned
+    encoder), the task, and for regression the target range, for multilabel the decision rule."""
 
     def __init__(
         self,
-        head: PrototypeHead,
+        head: PrototypeHead | None,
         label_names: list[str],
         model_cfg: ModelConfig,
         encoder_cfg: EncoderConfig,
         encoder: TextEncoder | None = None,
+        *,
+        task: str = CLASSIFICATION,
+        regression_head: RegressionHead | None = None,
+        target_range: tuple[float, float] | None = None,
+        target_name: str | None = None,
+        decision: DecisionRule | None = None,
     ) -> None:
         super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; one of {', '.join(TASKS)}")
+        if (head is None) != (task == REGRESSION):
+            raise ValueError(f"task {task}: {'no' if task == REGRESSION else 'a'} class head expected")
+        if (regression_head is None) == (task in (REGRESSION, JOINT)):
+            raise ValueError(f"task {task}: regression head {'missing' if regression_head is None else 'unexpected'}")
+        if regression_head is not None and target_range is None:
+            raise ValueError(f"task {task}: the target range (low, high) is needed to predict values")
         self.head, self.encoder = head, encoder
+        self.regression_head = regression_head
+        self.task = task
         self.label_names = list(label_names)
         self.model_cfg, self.encoder_cfg = model_cfg, encoder_cfg
+        self.target_range = None if target_range is None else (float(target_range[0]),
+                                                               float(target_range[1]))
+        self.target_name = target_name
+        self.decision = decision
         self._frozen: list[TextEncoder] | None = None  # a list keeps it out of state_dict
 
     @property
     def fine_tuned(self) -> bool:
         return self.encoder is not None
 
+    @property
+    def in_dim(self) -> int:
+        return (self.head or self.regression_head).proj.in_features
+
     def save(self, directory: str | Path) -> Path:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(out / WEIGHTS_FILE))
+        low, high = self.target_range if self.target_range is not None else (None, None)
         meta = ModelMeta(
             label_names=self.label_names,
-            in_dim=self.head.proj.in_features,
+            in_dim=self.in_dim,
             model=asdict(self.model_cfg),
             encoder=asdict(self.encoder_cfg),
             fine_tuned_encoder=self.fine_tuned,
+            task=self.task,
+            target_low=low,
+            target_high=high,
+            target_name=self.target_name,
+            decision=self.decision.to_dict() if self.decision is not None else None,
         )
         (out / META_FILE).write_text(json.dumps(asdict(meta), indent=2))
         return out
@@ -134,37 +214,96 @@ class HPNClassifier(nn.Module):
         src = Path(directory)
         meta = ModelMeta(**json.loads((src / META_FILE).read_text()))
         model_cfg, encoder_cfg = ModelConfig(**meta.model), EncoderConfig(**meta.encoder)
-        count = len(head_classes(len(meta.label_names), model_cfg))
-        head = PrototypeHead(
-            meta.in_dim, len(meta.label_names), model_cfg, np.ones((count, model_cfg.prototype_dim))
-        )
+        task = meta.task or CLASSIFICATION
+        head = regression_head = None
+        if task != REGRESSION:
+            count = len(head_classes(len(meta.label_names), model_cfg))
+            head = PrototypeHead(
+                meta.in_dim, len(meta.label_names), model_cfg, np.ones((count, model_cfg.prototype_dim))
+            )
+        if task in (REGRESSION, JOINT):  # the prototypes come from the weights file
+            regression_head = RegressionHead(meta.in_dim, model_cfg.prototype_dim,
+                                             np.ones((2, model_cfg.prototype_dim)))
         encoder = None
         if meta.fine_tuned_encoder:
             encoder = TextEncoder(encoder_cfg.name, encoder_cfg.pooling, encoder_cfg.max_length)
-        model = cls(head, meta.label_names, model_cfg, encoder_cfg, encoder)
+        target_range = None
+        if meta.target_low is not None and meta.target_high is not None:
+            target_range = (meta.target_low, meta.target_high)
+        decision = DecisionRule.from_dict(meta.decision) if meta.decision else None
+        model = cls(head, meta.label_names, model_cfg, encoder_cfg, encoder, task=task,
+                    regression_head=regression_head, target_range=target_range,
+                    target_name=meta.target_name, decision=decision)
         model.load_state_dict(load_file(str(src / WEIGHTS_FILE)))
         return model.to(device).eval()
 
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
     @torch.inference_mode()
-    def predict_scores(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
-        """(n, C) class scores (cosines in [-1, 1]) for raw texts."""
-        device = next(self.head.parameters()).device
+    def predict_outputs(self, texts: list[str], batch_size: int = 256
+                        ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """-> ((n, C) class scores or None, (n,) regression cosines or None) for raw texts."""
+        device = self._device()
+        heads = [h for h in (self.head, self.regression_head) if h is not None]
         if self.encoder is None:
             # Frozen encoder: same embedding function as training, but no disk cache (serving
             # sees new texts every call); the encoder is loaded once per process.
             if self._frozen is None:
                 cfg = self.encoder_cfg
                 self._frozen = [TextEncoder(cfg.name, cfg.pooling, cfg.max_length)]
-            feats = torch.from_numpy(embed(self._frozen[0], list(texts), batch_size, device))
-            return self.head(feats.to(device))[0].float().cpu().numpy()
-        self.encoder.eval()
-        out = []
-        for i in range(0, len(texts), batch_size):
-            batch = self.encoder.tokenize(list(texts[i : i + batch_size]))
-            z = self.encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-            out.append(self.head(z)[0])
-        return torch.cat(out).cpu().numpy() if out else np.empty((0, len(self.label_names)))
+            feats = torch.from_numpy(embed(self._frozen[0], list(texts), batch_size, device)).to(device)
+            outs = [[self._output(h, feats)] for h in heads]
+        else:
+            self.encoder.eval()
+            outs = [[] for _ in heads]
+            for i in range(0, len(texts), batch_size):
+                batch = self.encoder.tokenize(list(texts[i : i + batch_size]))
+                z = self.encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+                for out, h in zip(outs, heads):
+                    out.append(self._output(h, z))
+        results = []
+        for out, h in zip(outs, heads):
+            if out:
+                results.append(torch.cat(out).float().cpu().numpy())
+            else:
+                width = (len(self.label_names),) if h is self.head else ()
+                results.append(np.empty((0, *width), dtype=np.float32))
+        scores = results.pop(0) if self.head is not None else None
+        cos = results.pop(0) if self.regression_head is not None else None
+        return scores, cos
+
+    def _output(self, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return head(x)[0] if isinstance(head, PrototypeHead) else head(x)
+
+    def predict_scores(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
+        """(n, C) class scores (cosines in [-1, 1]) for raw texts."""
+        if self.head is None:
+            raise ValueError("a regression model has no class scores; use predict_all(texts).values")
+        return self.predict_outputs(texts, batch_size)[0]
 
     def predict(self, texts: list[str]) -> tuple[list[str], np.ndarray]:
+        """(best class per text, (n, C) scores); for multilabel the best single label."""
         scores = self.predict_scores(texts)
         return [self.label_names[i] for i in scores.argmax(1)], scores
+
+    def values_from_cosines(self, cos: np.ndarray) -> np.ndarray:
+        """Regression cosines -> predicted target values in the training split's range."""
+        low, high = self.target_range
+        return cosine_to_value(np.asarray(cos, dtype=np.float64), low, high)
+
+    def label_sets_from_scores(self, scores: np.ndarray) -> list[list[str]]:
+        chosen = (self.decision or DEFAULT_DECISION).apply(scores)
+        return [[self.label_names[j] for j in np.flatnonzero(row)] for row in chosen]
+
+    def predict_all(self, texts: list[str], batch_size: int = 256) -> Prediction:
+        """Everything the task predicts for `texts` (see `Prediction`)."""
+        scores, cos = self.predict_outputs(texts, batch_size)
+        labels = label_sets = values = None
+        if self.task in (CLASSIFICATION, JOINT):
+            labels = [self.label_names[i] for i in scores.argmax(1)] if len(scores) else []
+        if self.task == MULTILABEL:
+            label_sets = self.label_sets_from_scores(scores)
+        if cos is not None:
+            values = self.values_from_cosines(cos)
+        return Prediction(self.task, list(self.label_names), scores, labels, label_sets, values)

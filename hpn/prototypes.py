@@ -15,6 +15,7 @@ a smooth max (per-prototype log-sum-exp with annealed sharpness) from a few rand
 then a penalty polish that pushes every pair above a rising angle threshold. This ends
 degrees above the paper's subgradient method (e.g. 100 prototypes in 10 dims: ~70.2 vs ~67.6).
 `separation_loss` is the differentiable term for learned prototypes trained with the head.
+`regression_prototypes` places the two opposite ends of a regression output (p and -p).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import torch.nn.functional as F
 from hpn import cache_files
 from hpn.errors import ConfigError
 
-__all__ = ["NO_CLASS", "fixed_prototypes", "group_ids", "prototype_classes", "separation",
-           "separation_loss"]
+__all__ = ["NO_CLASS", "fixed_prototypes", "group_ids", "prototype_classes",
+           "regression_prototypes", "separation", "separation_loss"]
 
 #: The class id of an extra-negative prototype (it belongs to no class).
 NO_CLASS = -1
@@ -147,6 +148,20 @@ def fixed_prototypes(
     if path is not None:
         cache_files.save(path, points, seed=seed, max_cosine=separation(points)["max_cosine"])
     return points
+
+
+def regression_prototypes(dim: int, seed: int = 0) -> np.ndarray:
+    """(2, dim) float32: a unit vector p and its opposite -p, the regression output's two ends.
+
+    The paper ties a regression target to two opposite prototypes: the upper end of the target
+    range sits at p, the lower at -p, so a cosine to p in [-1, 1] reads as a position in the
+    range. Any direction is optimal (they are 180 degrees apart); the seed only picks it.
+    """
+    if dim < 2:
+        raise ConfigError(f"model.prototype_dim must be >= 2, got {dim}")
+    p = np.random.default_rng(seed).standard_normal(dim)
+    p = p / np.linalg.norm(p)
+    return np.stack([p, -p]).astype(np.float32)
 
 
 def _check_cached(points: np.ndarray, header: dict[str, Any]) -> str | None:

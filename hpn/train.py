@@ -1,7 +1,9 @@
-"""Train and evaluate one HPN from one config.
+"""Train and evaluate one HPN from one config, for any task (`model.task`).
 
 `train(config, data, on_epoch)` is a plain function so Ray can call it and tests can too;
-only `tuning/` turns `on_epoch` into a Tune report.
+only `tuning/` turns `on_epoch` into a Tune report. Classification runs exactly as before
+tasks existed; regression, multilabel and joint add their losses (hpn/losses.py) and their
+metrics and baselines (hpn/task_metrics.py), named in hpn/metrics.py.
 """
 from __future__ import annotations
 
@@ -19,9 +21,25 @@ from hpn import metrics as M
 from hpn.config import Config
 from hpn.data import Corpus, Split, load_corpus
 from hpn.encode import TextEncoder, check_embeddings, encode_texts, pick_device
+from hpn.errors import ConfigError, DataError
+from hpn.losses import (
+    cosine_to_value,
+    label_pos_weight,
+    multilabel_loss,
+    regression_loss,
+    value_to_cosine,
+)
 from hpn.memory import PeakMemory
-from hpn.model import HPNClassifier, PrototypeHead, head_classes, initial_prototypes
-from hpn.prototypes import separation, separation_loss
+from hpn.model import HPNClassifier, PrototypeHead, RegressionHead, head_classes, initial_prototypes
+from hpn.prototypes import regression_prototypes, separation, separation_loss
+from hpn.task_metrics import (
+    fit_decision,
+    multilabel_baselines,
+    multilabel_metrics,
+    regression_baselines,
+    regression_metrics,
+)
+from hpn.tasks import CLASSIFICATION, JOINT, MULTILABEL, REGRESSION, task_spec
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -51,8 +69,12 @@ class TrainResult:
 
 
 def prepare_data(cfg: Config, progress: bool = False) -> PreparedData:
-    corpus = load_corpus(cfg.data)
-    head_classes(corpus.num_classes, cfg.model)  # a count the corpus cannot use fails before the encode
+    task = task_spec(cfg.model.task).name
+    corpus = load_corpus(cfg.data, task)  # the task's view: a missing target / label set fails here
+    # A loss or a prototype count the task and corpus cannot use fails before the encode.
+    resolve_loss(cfg, corpus.num_classes)
+    if task != REGRESSION:
+        head_classes(corpus.num_classes, cfg.model)
     split = corpus.split(cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.seed)
     features = None
     if cfg.encoder.trainable_layers == 0:
@@ -60,7 +82,27 @@ def prepare_data(cfg: Config, progress: bool = False) -> PreparedData:
     return PreparedData(corpus, split, features)
 
 
+#: The losses each task can train with (`model.loss`; auto picks per task). Regression's is
+#: the paper's squared cosine to the target's cosine; joint's model.loss is its class half's.
+TASK_LOSSES = {
+    CLASSIFICATION: ("squared_cosine", "cross_entropy"),
+    JOINT: ("squared_cosine", "cross_entropy"),
+    REGRESSION: ("squared_cosine",),
+    MULTILABEL: ("binary_cross_entropy",),
+}
+
+
 def resolve_loss(cfg: Config, num_classes: int | None = None) -> str:
+    """The loss `model.loss` means for `model.task`: auto resolved, one the task cannot use
+    refused with a ConfigError naming model.loss. For joint: the classification half's loss
+    (the regression half always uses the squared cosine to the target)."""
+    task = task_spec(cfg.model.task).name
+    allowed = TASK_LOSSES[task]
+    if cfg.model.loss != "auto" and cfg.model.loss not in allowed:
+        raise ConfigError(f"model.loss={cfg.model.loss}: model.task={task} cannot train with it; "
+                          f"use auto or {' or '.join(allowed)}")
+    if task in (REGRESSION, MULTILABEL):
+        return allowed[0]
     if cfg.model.loss != "auto":
         return cfg.model.loss
     # The paper's squared-cosine loss is defined for one fixed prototype per class.
@@ -97,6 +139,44 @@ def compute_loss(
     return F.cross_entropy(scores / temperature, y, weight=weights)
 
 
+@dataclass
+class TaskLoss:
+    """One batch's loss for `task`, with the outputs it computed on the way.
+
+    classification: `compute_loss(kind, ...)` (as before tasks existed); multilabel: binary
+    cross-entropy on the class scores / temperature; regression: the squared cosine to the
+    target's cosine; joint: classification loss + regression_weight x regression loss.
+    """
+
+    task: str
+    kind: str  # resolve_loss's answer: the class half's loss
+    temperature: float
+    regression_weight: float = 1.0
+    weights: torch.Tensor | None = None  # class weights (classification, joint)
+    pos_weight: torch.Tensor | None = None  # per-label positive weights (multilabel)
+
+    def __call__(
+        self, head: PrototypeHead | None, reg_head: RegressionHead | None, x: torch.Tensor,
+        labels: torch.Tensor | None = None, target_cos: torch.Tensor | None = None,
+        label_sets: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """-> (loss, (batch, C) class scores or None, (batch,) regression cosines or None)."""
+        scores = cos = None
+        if head is not None:
+            scores, cos = head(x)
+        if self.task == CLASSIFICATION:
+            return compute_loss(self.kind, scores, cos, labels, head, self.weights,
+                                self.temperature), scores, None
+        if self.task == MULTILABEL:
+            return multilabel_loss(scores, label_sets, self.temperature, self.pos_weight), scores, None
+        reg = reg_head(x)
+        loss = regression_loss(reg, target_cos)
+        if self.task == JOINT:
+            cls = compute_loss(self.kind, scores, cos, labels, head, self.weights, self.temperature)
+            loss = cls + self.regression_weight * loss
+        return loss, scores, reg
+
+
 def _macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
     f1s = []
     for c in range(num_classes):
@@ -111,12 +191,22 @@ def _macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float
 class _Batches:
     """Model inputs for index batches: cached features, or tokens for a trainable encoder."""
 
-    def __init__(self, data: PreparedData, encoder: TextEncoder | None, device: torch.device) -> None:
+    def __init__(self, data: PreparedData, encoder: TextEncoder | None, device: torch.device,
+                 task: str = CLASSIFICATION, target_range: tuple[float, float] | None = None) -> None:
         self.data, self.encoder, self.device = data, encoder, device
+        corpus = data.corpus
         # A trainable encoder must see tokens even when cached features happen to exist.
         use_cache = encoder is None and data.features is not None
         self.features = torch.from_numpy(data.features).to(device) if use_cache else None
-        self.labels = torch.tensor(data.corpus.labels, dtype=torch.long, device=device)
+        self.labels = self.target_cos = self.label_sets = None
+        if task in (CLASSIFICATION, JOINT):
+            self.labels = torch.tensor(corpus.labels, dtype=torch.long, device=device)
+        if task in (REGRESSION, JOINT):  # each target as its cosine with the upper prototype
+            t = value_to_cosine(np.asarray(corpus.targets, np.float64), *target_range)
+            self.target_cos = torch.tensor(t, dtype=torch.float32, device=device)
+        if task == MULTILABEL:
+            self.label_sets = torch.tensor(np.asarray(corpus.label_sets, bool), dtype=torch.float32,
+                                           device=device)
 
     def inputs(self, idx: np.ndarray) -> torch.Tensor:
         if self.features is not None:
@@ -136,6 +226,7 @@ def _cpu_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+
 def train(
     cfg: Config, data: PreparedData | None = None, on_epoch: EpochCallback | None = None,
     progress: bool = False,
@@ -153,12 +244,29 @@ def train(
         return _train(cfg, data, on_epoch, device, memory)
 
 
+def target_range(targets: np.ndarray, train_idx: np.ndarray, column: str) -> tuple[float, float]:
+    """(low, high) of the TRAINING split's targets: the regression prototypes' two ends."""
+    y = np.asarray(targets, dtype=np.float64)[train_idx]
+    low, high = float(y.min()), float(y.max())
+    if not high > low:
+        raise DataError(f"data.target_column {column!r}: every target in the training split is "
+                        f"{low:g}, so there is nothing to regress; use a column that varies")
+    return low, high
+
+
+def _target_name(cfg: Config) -> str:
+    return "age" if cfg.data.source == "synthetic" else cfg.data.target_column
+
+
 def _train(
     cfg: Config, data: PreparedData, on_epoch: EpochCallback | None, device: torch.device,
     memory: PeakMemory,
 ) -> TrainResult:
     started = time.perf_counter()
     corpus, split = data.corpus, data.split
+    task = task_spec(cfg.model.task).name
+    has_classes = task != REGRESSION  # the class head: classification, multilabel, joint
+    has_values = task in (REGRESSION, JOINT)  # the regression output space
     torch.manual_seed(cfg.train.seed)
 
     # -- model ------------------------------------------------------------------------------
@@ -175,10 +283,21 @@ def _train(
         # or a NaN would train to chance and then fail every prediction, so refuse them here.
         check_embeddings(data.features, len(corpus.texts), cfg.encoder)
         in_dim = data.features.shape[1]
-    protos = initial_prototypes(corpus.num_classes, cfg.model, cfg.train.seed, cfg.encoder.cache_dir)
-    head = PrototypeHead(in_dim, corpus.num_classes, cfg.model, protos)
-    model = HPNClassifier(head, corpus.label_names, cfg.model, cfg.encoder, encoder).to(device)
-    batches = _Batches(data, encoder, device)
+    head = reg_head = None
+    label_names: list[str] = []
+    if has_classes:  # created first, so a joint model's class head starts as a classifier's
+        protos = initial_prototypes(corpus.num_classes, cfg.model, cfg.train.seed, cfg.encoder.cache_dir)
+        head = PrototypeHead(in_dim, corpus.num_classes, cfg.model, protos)
+        label_names = corpus.label_names
+    low_high = None
+    if has_values:
+        low_high = target_range(corpus.targets, split.train, _target_name(cfg))
+        reg_head = RegressionHead(in_dim, cfg.model.prototype_dim,
+                                  regression_prototypes(cfg.model.prototype_dim, cfg.train.seed))
+    model = HPNClassifier(head, label_names, cfg.model, cfg.encoder, encoder, task=task,
+                          regression_head=reg_head, target_range=low_high,
+                          target_name=_target_name(cfg) if has_values else None).to(device)
+    batches = _Batches(data, encoder, device, task, low_high)
 
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.train.optimizer == "adam":
@@ -195,28 +314,61 @@ def _train(
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if use_amp else nullcontext
 
     loss_kind = resolve_loss(cfg, corpus.num_classes)
-    train_labels = corpus.labels[split.train]
-    weights = class_weights(train_labels, corpus.num_classes).to(device) if cfg.train.class_weights else None
-    rivals = head.rivals  # the pairs separation pushes apart
-    learned = cfg.model.prototype_mode == "learned"
+    weights = pos_weight = None
+    if task in (CLASSIFICATION, JOINT):
+        train_labels = corpus.labels[split.train]
+        if cfg.train.class_weights:
+            weights = class_weights(train_labels, corpus.num_classes).to(device)
+    if task == MULTILABEL and cfg.train.class_weights:
+        pos_weight = label_pos_weight(np.asarray(corpus.label_sets)[split.train]).to(device)
+    if head is not None:
+        rivals = head.rivals  # the pairs separation pushes apart
+        sep_protos, sep_groups = head.prototypes, rivals
+    else:  # regression: its two prototypes, opposite by construction
+        rivals, sep_protos, sep_groups = None, reg_head.prototypes, None
+    learned = has_classes and cfg.model.prototype_mode == "learned"
+    temperature = cfg.model.temperature
 
-    def evaluate(idx: np.ndarray) -> tuple[float, float, np.ndarray]:
+    loss_fn = TaskLoss(task, loss_kind, temperature, cfg.train.regression_weight, weights, pos_weight)
+
+    def forward(x: torch.Tensor, bt: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        return loss_fn(head, reg_head, x,
+                       labels=None if batches.labels is None else batches.labels[bt],
+                       target_cos=None if batches.target_cos is None else batches.target_cos[bt],
+                       label_sets=None if batches.label_sets is None else batches.label_sets[bt])
+
+    def evaluate(idx: np.ndarray) -> tuple[float, np.ndarray | None, np.ndarray | None]:
+        """-> (mean loss, (n, C) class scores or None, (n,) regression cosines or None)."""
         model.eval()
-        preds, total = [], 0.0
+        scores_out, cos_out, total = [], [], 0.0
         with torch.no_grad(), autocast():
             for start in range(0, len(idx), cfg.train.batch_size):
                 b = idx[start : start + cfg.train.batch_size]
-                scores, cos = head(batches.inputs(b))
-                y = batches.labels[torch.as_tensor(b, device=device)]
-                total += float(compute_loss(loss_kind, scores, cos, y, head, weights, cfg.model.temperature)) * len(b)
-                preds.append(scores.argmax(1).cpu().numpy())
-        pred = np.concatenate(preds)
-        return float(np.mean(pred == corpus.labels[idx])), total / len(idx), pred
+                loss, scores, reg = forward(batches.inputs(b), torch.as_tensor(b, device=device))
+                total += float(loss) * len(b)
+                if scores is not None:
+                    scores_out.append(scores.float().cpu().numpy())
+                if reg is not None:
+                    cos_out.append(reg.float().cpu().numpy())
+        scores = np.concatenate(scores_out) if head is not None else None
+        cos = np.concatenate(cos_out) if reg_head is not None else None
+        return total / len(idx), scores, cos
+
+    def accuracy(scores: np.ndarray, idx: np.ndarray) -> float:
+        return float(np.mean(scores.argmax(1) == corpus.labels[idx]))
+
+    def values(cos: np.ndarray) -> np.ndarray:
+        return cosine_to_value(cos.astype(np.float64), *low_high)
+
+    label_sets = np.asarray(corpus.label_sets, dtype=bool) if task == MULTILABEL else None
+    targets = np.asarray(corpus.targets, dtype=np.float64) if has_values else None
 
     # -- epochs -----------------------------------------------------------------------------
     rng = np.random.default_rng(cfg.train.seed)
     history: list[dict[str, float]] = []
     seen, train_time = 0, 0.0
+    decision = None
     for epoch in range(1, cfg.train.epochs + 1):
         model.train()
         if encoder is not None:
@@ -230,10 +382,9 @@ def _train(
             if cfg.train.max_steps and steps >= cfg.train.max_steps:
                 break
             b = order[start : start + cfg.train.batch_size]
-            y = batches.labels[torch.as_tensor(b, device=device)]
+            bt = torch.as_tensor(b, device=device)
             with autocast():
-                scores, cos = head(batches.inputs(b))
-                loss = compute_loss(loss_kind, scores, cos, y, head, weights, cfg.model.temperature)
+                loss = forward(batches.inputs(b), bt)[0]
                 if learned and cfg.train.separation_weight > 0:
                     loss = loss + cfg.train.separation_weight * separation_loss(head.prototypes, rivals)
             opt.zero_grad(set_to_none=True)
@@ -253,30 +404,54 @@ def _train(
                 f"loss became {epoch_loss} in epoch {epoch} (diverged or non-finite inputs); "
                 "lower train.lr")
 
-        val_acc, val_loss, _ = evaluate(split.val)
-        sep = separation(head.prototypes.detach().float().cpu().numpy(), rivals.cpu().numpy())
-        row = {
-            M.EPOCH: float(epoch),
-            M.TRAIN_LOSS: epoch_loss,
-            M.VAL_LOSS: val_loss,
-            M.VAL_ACCURACY: val_acc,
-            M.SEPARATION_MIN_ANGLE_DEG: sep["min_angle_deg"],
-            M.SEPARATION_MAX_COSINE: sep["max_cosine"],
-        }
+        val_loss, val_scores, val_cos = evaluate(split.val)
+        sep = separation(sep_protos.detach().float().cpu().numpy(),
+                         None if sep_groups is None else sep_groups.cpu().numpy())
+        row = {M.EPOCH: float(epoch), M.TRAIN_LOSS: epoch_loss, M.VAL_LOSS: val_loss}
+        if task in (CLASSIFICATION, JOINT):
+            row[M.VAL_ACCURACY] = accuracy(val_scores, split.val)
+        if has_values:
+            row[M.VAL_MAE] = regression_metrics(targets[split.val], values(val_cos), "val")[M.VAL_MAE]
+        if task == MULTILABEL:
+            # The rule is chosen on validation every epoch (what val_micro_f1 means); the last
+            # epoch's is the model's.
+            decision = fit_decision(val_scores, label_sets[split.val], cfg.model.decision)
+            val_ml = multilabel_metrics(label_sets[split.val], decision.apply(val_scores), "val")
+            row[M.VAL_MICRO_F1], row[M.VAL_MACRO_F1] = val_ml[M.VAL_MICRO_F1], val_ml[M.VAL_MACRO_F1]
+        row[M.SEPARATION_MIN_ANGLE_DEG] = sep["min_angle_deg"]
+        row[M.SEPARATION_MAX_COSINE] = sep["max_cosine"]
         history.append(row)
         if on_epoch is not None:
             on_epoch(epoch, dict(row))
 
     # -- final evaluation -------------------------------------------------------------------
-    test_acc, _, test_pred = evaluate(split.test)
-    majority = int(np.bincount(train_labels, minlength=corpus.num_classes).argmax())
+    _, test_scores, test_cos = evaluate(split.test)
     final = dict(history[-1])
+    if task in (CLASSIFICATION, JOINT):
+        test_pred = test_scores.argmax(1)
+        majority = int(np.bincount(train_labels, minlength=corpus.num_classes).argmax())
+        final.update({
+            M.TEST_ACCURACY: accuracy(test_scores, split.test),
+            M.TEST_MACRO_F1: _macro_f1(corpus.labels[split.test], test_pred, corpus.num_classes),
+            M.MAJORITY_BASELINE_ACCURACY: float(np.mean(corpus.labels[split.test] == majority)),
+            M.VAL_MAJORITY_BASELINE_ACCURACY: float(np.mean(corpus.labels[split.val] == majority)),
+        })
+    if has_values:  # val_cos: the last epoch's, i.e. the final model's
+        final.update(regression_metrics(targets[split.val], values(val_cos), "val"))
+        final.update(regression_metrics(targets[split.test], values(test_cos), "test"))
+        final.update(regression_baselines(targets[split.train], targets[split.val],
+                                          targets[split.test]))
+        final.update({M.TARGET_LOW: low_high[0], M.TARGET_HIGH: low_high[1]})
+    if task == MULTILABEL:
+        model.decision = decision
+        test_ml = multilabel_metrics(label_sets[split.test], decision.apply(test_scores), "test")
+        final.update({k: v for k, v in test_ml.items()})
+        final.update(multilabel_baselines(label_sets[split.train], label_sets[split.val],
+                                          label_sets[split.test]))
+        final.update(decision.metrics())
+    count = (len(head.groups) if head is not None else 0) + (2 if reg_head is not None else 0)
     final.update({
-        M.TEST_ACCURACY: test_acc,
-        M.TEST_MACRO_F1: _macro_f1(corpus.labels[split.test], test_pred, corpus.num_classes),
-        M.MAJORITY_BASELINE_ACCURACY: float(np.mean(corpus.labels[split.test] == majority)),
-        M.VAL_MAJORITY_BASELINE_ACCURACY: float(np.mean(corpus.labels[split.val] == majority)),
-        M.NUM_PROTOTYPES: float(len(head.groups)),
+        M.NUM_PROTOTYPES: float(count),
         M.RUNTIME_S: time.perf_counter() - started,
         M.TRAIN_SAMPLES_PER_S: seen / train_time if train_time > 0 else math.nan,
         **memory.stop(),

@@ -18,9 +18,19 @@ from hpn.errors import HPNInputError
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
 BASELINE_MARGIN_HELP = (
-    "{what} only if its val_accuracy beats val_majority_baseline_accuracy (always answering the "
-    "training split's most frequent class, scored on the validation split) by more than M "
-    "accuracy points, and it loads and predicts in a fresh process (default %(default)s)")
+    "{what} only if it beats its task's trivial baselines on the validation split, and it "
+    "loads and predicts in a fresh process (default %(default)s). A score must beat its "
+    "baseline by more than M points: val_accuracy over val_majority_baseline_accuracy (always "
+    "answering the training split's most frequent class; classification, joint), val_micro_f1 "
+    "over val_most_frequent_baseline_micro_f1 (multilabel). An error is held to a fraction of "
+    "its baseline: val_mae must be below val_mean_baseline_mae x (1 - M) (always predicting "
+    "the training split's mean; regression, joint)")
+
+
+def _metric_column(metric: str) -> str:
+    """A metric as a table header: VAL_ACC / TEST_ACC as `show` always printed them, else
+    the metric's name (VAL_MAE, TEST_MICRO_F1)."""
+    return {M.VAL_ACCURACY: "VAL_ACC", M.TEST_ACCURACY: "TEST_ACC"}.get(metric, metric.upper())
 
 
 def _print_table(rows: dict[str, Any]) -> None:
@@ -64,12 +74,14 @@ def cmd_data(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_config(args.config, args.set)
     if args.output:
         check_output_file(args.output, "--output")  # before the corpus is read, not after
-    corpus = load_corpus(cfg.data)
+    corpus = load_corpus(cfg.data, cfg.model.task)  # the task's view: targets, label sets
     summary = corpus_summary(corpus, cfg.data)
     print("\n".join(format_summary(summary)))
     if args.output:
         rows = write_labels_jsonl(corpus, args.output)
-        print(f"wrote {rows} rows (text, label) to {args.output}")
+        parts = ", ".join(k for k, has in (("text", True), ("label", corpus.labels is not None),
+                                            ("target", corpus.targets is not None)) if has)
+        print(f"wrote {rows} rows ({parts}) to {args.output}")
         summary["output"] = str(args.output)
     return summary
 
@@ -121,8 +133,8 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
           f"in {summary['wall_s']:.1f} s (sampler seed {summary['seed']})")
     if summary["best_config"] is not None:
         over = f" (means over {summary['repeats']} repeats)" if summary["repeats"] > 1 else ""
-        print(f"best val_accuracy {summary['best_val_accuracy']:.4f}, "
-              f"test_accuracy {summary['best_test_accuracy']:.4f}{over} with:")
+        print(f"best {summary['best_metric']} {summary['best_value']:.4f}, "
+              f"{summary['best_test_metric']} {summary['best_test_value']:.4f}{over} with:")
         _print_table(summary["best_config"])
     if summary.get("registered_version"):
         what = "registered as" if summary.get("registered_new") else "the best trial is already"
@@ -176,13 +188,15 @@ def cmd_promote(args: argparse.Namespace) -> dict[str, Any]:
                      margin=args.baseline_margin)
     if result["promoted"]:
         def test(value: float | None) -> str:
-            return f", test_accuracy {value:.4f}" if value is not None else ""
+            return f", {result['test_metric']} {value:.4f}" if value is not None else ""
 
-        was = (f" (was version {result['champion_version']} at {result['champion_value']:.4f}"
-               f"{test(result['champion_test_accuracy'])})" if result["champion_version"] else "")
+        held = result["champion_value"]  # None: a champion of another task (--force)
+        was = (f" (was version {result['champion_version']}"
+               + (f" at {held:.4f}" if held is not None else "")
+               + f"{test(result['champion_test_value'])})" if result["champion_version"] else "")
         print(f"{args.model_name}@champion -> version {result['version']} "
-              f"({args.metric} {result['candidate_value']:.4f}"
-              f"{test(result['candidate_test_accuracy'])}){was}")
+              f"({result['metric']} {result['candidate_value']:.4f}"
+              f"{test(result['candidate_test_value'])}){was}")
     else:
         print(result["reason"])
     return result
@@ -264,6 +278,14 @@ def _print_rows(header: list[str], rows: list[list[str]]) -> None:
                         for c, w, r in zip(cells, widths, right)).rstrip())
 
 
+def _best_cell(row: dict[str, Any]) -> str:
+    """A study's best as `studies` lists it: the number, and the metric's name when it is not
+    val_accuracy (a regression study's `3.1042 val_mae`: lower is better there)."""
+    metric = row.get("best_metric", M.VAL_ACCURACY)
+    cell = _cell(row.get("best_value"))
+    return cell if metric == M.VAL_ACCURACY or cell == "-" else f"{cell} {metric}"
+
+
 def cmd_studies(args: argparse.Namespace) -> dict[str, Any]:
     from tuning.studies import list_studies, open_store
 
@@ -277,7 +299,7 @@ def cmd_studies(args: argparse.Namespace) -> dict[str, Any]:
             [[r["study"], r["state"], str(r["trials_completed"]), str(r["trials_pruned"]),
               str(r["trials_errored"]),
               _cell(r["trials_target"]) + (f"x{r['repeats']}" if r["repeats"] > 1 else ""),
-              _cell(r["best_val_accuracy"]), _local_time(r["started"]), _duration(r["wall_s"])]
+              _best_cell(r), _local_time(r["started"]), _duration(r["wall_s"])]
              for r in rows])
     return {"experiment": args.experiment, "tracking_uri": store.tracking_uri, "studies": rows}
 
@@ -300,10 +322,11 @@ def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
     })
     print()
     if s["trials"]:
+        metrics = s["trial_metrics"]  # the task's: val/test primary (and joint's MAE), runtime
         _print_rows(
-            ["RUN", "RUN ID", "STATE", "VAL_ACC", "TEST_ACC", "RUNTIME_S", *s["searched"]],
-            [[t["run_name"], t["run_id"], t["state"], _cell(t["val_accuracy"]),
-              _cell(t["test_accuracy"]), _cell(t["runtime_s"], 1),
+            ["RUN", "RUN ID", "STATE", *map(_metric_column, metrics), *s["searched"]],
+            [[t["run_name"], t["run_id"], t["state"],
+              *(_cell(t[m], 1 if m == M.RUNTIME_S else 4) for m in metrics),
               *(_cell(t["params"][k], 0) for k in s["searched"])] for t in s["trials"]])
         if len(s["trials"]) < s["trials_total"]:
             print(f"({s['trials_total'] - len(s['trials'])} more; --limit 0 lists all)")
@@ -315,8 +338,9 @@ def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
     else:
         print("report: none yet (a study writes report/ when it finishes)")
     if s["promote_command"]:
-        print(f"best val_accuracy {s['best_val_accuracy']:.4f} "
-              f"(test_accuracy {_cell(s['best_test_accuracy'])}); promote it: {s['promote_command']}")
+        print(f"best {s['best_metric']} {s['best_value']:.4f} "
+              f"({s['best_test_metric']} {_cell(s['best_test_value'])}); "
+              f"promote it: {s['promote_command']}")
     return s
 
 
@@ -326,16 +350,18 @@ def cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
     if args.output:
         check_plot_path(args.output)  # before the studies are read, not after
     rows, data = compare_studies(open_store(args.tracking_uri, args.experiment), args.studies)
+    metric, test_metric = rows[0]["best_metric"], rows[0]["best_test_metric"]  # one task
     lines = [("state", "state", str), ("sampler", "sampler", str),
              ("trials completed", "trials_completed", str),
-             ("best val_accuracy", "best_val_accuracy", _cell),
-             ("median val_accuracy", "median_val_accuracy", _cell),
-             ("test_accuracy of best", "best_test_accuracy", _cell),
+             (f"best {metric}", "best_value", _cell),
+             (f"median {metric}", "median_value", _cell),
+             (f"{test_metric} of best", "best_test_value", _cell),
              ("median runtime_s", "median_runtime_s", lambda v: _cell(v, 1)),
              ("wall time", "wall_s", _duration)]
     _print_rows(["", *(r["study"] for r in rows)],
                 [[label, *(fmt(r[key]) for r in rows)] for label, key, fmt in lines])
-    print("(best is chosen on val_accuracy; test_accuracy is shown, never used to choose)")
+    lower = ", lower is better" if data.mode == "min" else ""
+    print(f"(best is chosen on {metric}{lower}; {test_metric} is shown, never used to choose)")
     result: dict[str, Any] = {"studies": rows}
     if args.output:
         draw_compare(data, args.output)
@@ -376,10 +402,11 @@ def _add_study_commands(sub: Any) -> None:
     p.add_argument("study", help="study name (as `hpn-tune studies` lists it)")
     p.add_argument("--limit", type=int, default=20,
                    help="trials to list, best first; 0 lists all (default: %(default)s)")
-    p = add("compare", cmd_compare, "compare studies side by side on val_accuracy and runtime")
+    p = add("compare", cmd_compare, "compare studies of one task side by side on its primary "
+            "metric (val_accuracy, val_mae, val_micro_f1) and runtime")
     p.add_argument("studies", nargs="+", metavar="STUDY", help="studies to compare, in the order to show them")
     p.add_argument("--output", metavar="PLOT.png",
-                   help="also write a box plot of val_accuracy per study (default: no plot)")
+                   help="also write a box plot of the primary metric per study (default: no plot)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -449,9 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", help="promote this trial run's model (registered first if need "
                    "be); not a study's own run, which holds no model")
     p.add_argument("--model-name", default="hpn-persona")
-    p.add_argument("--metric", default="val_accuracy",
-                   help="a trial's validation metric the gate compares (default val_accuracy); "
-                   "test accuracy is printed beside it, never used to choose")
+    p.add_argument("--metric", default=None,
+                   help="a trial's validation metric the gate compares, in its direction (an "
+                   "error such as val_mae: lower wins) (default: the candidate's task's primary "
+                   "metric: val_accuracy, val_mae for regression, val_micro_f1 for multilabel); "
+                   "the task's test metric is printed beside it, never used to choose")
     p.add_argument("--force", action="store_true", help="promote even if it is not better than "
                    "the champion (it must still pass the registration check)")
     p.add_argument("--baseline-margin", type=float, default=M.DEFAULT_BASELINE_MARGIN, metavar="M",

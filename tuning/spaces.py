@@ -6,6 +6,8 @@ A key is a dotted config key; its value is a constant (fixed for the study) or a
 `preset: NAME` (a file in presets/, e.g. `seed`) makes that preset's keys the space's constants,
 under the space's own.  Every value
 a space can produce is checked against the Config at load: a bad range fails now, not in trial 37.
+`model.task` may be a constant but is never searched: a study has one task, whose primary
+metric and direction drive its sampler, scheduler and best trial.
 """
 from __future__ import annotations
 
@@ -28,6 +30,12 @@ if TYPE_CHECKING:
 SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
 _FIELDS = {"int": ("low", "high", "step", "log"), "categorical": ("choices",)}
 _FIELDS["float"] = _FIELDS["int"]
+#: Config keys a space may set as a constant but never search (why, for the refusal).
+UNSEARCHABLE = {
+    "model.task": ("a study has one task (its primary metric and direction drive the sampler, "
+                   "ASHA and the best trial); set it with --set model.task=... or as a constant "
+                   "of the space (model.task: regression), and run one study per task"),
+}
 
 
 @dataclass(frozen=True)
@@ -144,6 +152,9 @@ def load_space(path: str | Path) -> SearchSpace:
             raise fail(f"preset: {exc}") from None
     for key, value in tree.items():
         key = str(key)
+        if key in UNSEARCHABLE and isinstance(value, (dict, list)):
+            raise ConfigError(f"search space {str(p)!r}: {key} cannot be searched: "
+                              f"{UNSEARCHABLE[key]}")
         if key not in known:
             raise fail(f"unknown config key {key!r}; {_closest(key, known)}")
         if isinstance(value, dict):

@@ -4,6 +4,10 @@ Read-only: nothing here creates a run, an experiment or a database file, so poin
 `hpn-tune studies` at the wrong store says so instead of leaving an empty one behind. Each
 function returns plain dicts (JSON-ready: NaN becomes None) that `hpn-tune studies | show |
 compare` print; the comparison plot is data (`CompareData`) apart from its drawing.
+
+Each study is read by its own task (its run's `hpn.task` tag; none: classification): its
+primary metric and direction rank its trials and name its best, and studies of different
+tasks are not compared on one axis.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from hpn import metrics as M
 from hpn.errors import HPNInputError
+from hpn.tasks import TaskSpec, task_spec
 from tuning import tracking
 from tuning.report import best_config
 from tuning.tracking import trials_frame
@@ -34,6 +39,34 @@ STATE_WORDS = {"RUNNING": "running", "SCHEDULED": "running", "FINISHED": "finish
 #: Trial order in `show`: the ones that count first, then those that say what went wrong.
 TRIAL_ORDER = {"completed": 0, "pruned": 1, "error": 2, "running": 3}
 TRIAL_METRICS = (M.VAL_ACCURACY, M.TEST_ACCURACY, M.RUNTIME_S)
+
+
+def study_spec(run: Any) -> TaskSpec:
+    """The task a study's run records (`tuning.tracking.run_task`; none: classification)."""
+    return task_spec(tracking.run_task(run))
+
+
+def trial_metrics(spec: TaskSpec) -> tuple[str, ...]:
+    """The metrics `show` lists per trial: the primary and its test counterpart, each other
+    gate's metric and its test counterpart (joint: val_mae, test_mae), then the runtime.
+    Classification: TRIAL_METRICS."""
+    names = [spec.primary, spec.test_primary]
+    for gate in spec.gates:
+        names += [gate.metric, "test_" + gate.metric.removeprefix("val_")]
+    return tuple(dict.fromkeys([*names, M.RUNTIME_S]))
+
+
+def _best_fields(spec: TaskSpec, best: Any) -> dict[str, Any]:
+    """A study's best, by name for every task (best_metric/best_value, best_test_metric/
+    best_test_value), and as best_val_accuracy / best_test_accuracy where the primary is
+    accuracy (classification, joint; None for the others)."""
+    value = _num(best.objective_mean) if best is not None else None
+    test = _num(best.test_mean) if best is not None else None
+    accuracy = spec.primary == M.VAL_ACCURACY
+    return {"best_val_accuracy": value if accuracy else None,
+            "best_test_accuracy": test if accuracy else None,
+            "best_metric": spec.primary, "best_mode": spec.mode, "best_value": value,
+            "best_test_metric": spec.test_primary, "best_test_value": test}
 
 
 @dataclass(frozen=True)
@@ -123,6 +156,7 @@ def _study_header(run: Any) -> dict[str, Any]:
         "repeats": int(tags.get(tracking.REPEATS_TAG, 1)),
         "space_file": tags.get(tracking.SPACE_FILE_TAG),
         "trials_target": int(target) if target else None,
+        "task": study_spec(run).name,
         "started": _started(run.info.start_time),
         "wall_s": _num(metrics.get(tracking.WALL_METRIC)),
     }
@@ -136,17 +170,23 @@ def _state_counts(states: Any) -> dict[str, int]:
 
 
 def list_studies(store: Store) -> list[dict[str, Any]]:
-    """One row per study, newest first: state, trial counts, target, best val, wall time."""
+    """One row per study, newest first: state, trial counts, target, best val (its task's
+    primary metric, best in its direction), wall time."""
     rows = []
     for run in _study_runs(store):
+        spec = study_spec(run)
         trials = tracking.trial_runs(store.client, store.experiment_id, run.info.run_id)
         states = [t.data.tags.get(tracking.STATE_TAG, "running") for t in trials]
-        best = run.data.metrics.get("best_val_accuracy")
+        best = run.data.metrics.get(f"best_{spec.primary}")
         if best is None:  # an interrupted study has no summary yet: its trials do
-            best = max((t.data.metrics[M.VAL_ACCURACY] for t, s in zip(trials, states)
-                        if s == "completed" and M.VAL_ACCURACY in t.data.metrics), default=None)
+            done = [t.data.metrics[spec.primary] for t, s in zip(trials, states)
+                    if s == "completed" and spec.primary in t.data.metrics]
+            best = (max if spec.mode == "max" else min)(done, default=None)
+        accuracy = spec.primary == M.VAL_ACCURACY
         rows.append({**_study_header(run), **_state_counts(states),
-                     "best_val_accuracy": _num(best)})
+                     "best_val_accuracy": _num(best) if accuracy else None,
+                     "best_metric": spec.primary, "best_mode": spec.mode,
+                     "best_value": _num(best)})
     return rows
 
 
@@ -193,24 +233,29 @@ def _promote_command(store: Store, run_id: str) -> str:
 
 def show_study(store: Store, name: str, limit: int | None = None) -> dict[str, Any]:
     """A study's header, its trials best first (completed, then pruned, then errored; by
-    val_accuracy), where its report is and the command that promotes its best trial."""
+    its task's primary metric in its direction), where its report is and the command that
+    promotes its best trial."""
     run = _study_run(store, name)
+    spec = study_spec(run)
+    metrics = trial_metrics(spec)
     frame = _frame(store, run.info.run_id)
     keys, keys_from = searched_keys(store, run, frame)
     header = {**_study_header(run), **_state_counts(frame.get("state", [])),
-              "searched": keys, "searched_from": keys_from}
+              "searched": keys, "searched_from": keys_from, "trial_metrics": list(metrics)}
     trials: list[dict[str, Any]] = []
-    best = best_config(frame, M.VAL_ACCURACY) if not frame.empty else None
+    best = (best_config(frame, spec.primary, spec.mode, spec.test_primary)
+            if not frame.empty else None)
     if not frame.empty:
         ranked = frame.assign(_rank=frame["state"].map(TRIAL_ORDER).fillna(len(TRIAL_ORDER)),
-                              _val=_column(frame, M.VAL_ACCURACY))
-        ranked = ranked.sort_values(["_rank", "_val", "order"], ascending=[True, False, True],
+                              _val=_column(frame, spec.primary))
+        ranked = ranked.sort_values(["_rank", "_val", "order"],
+                                    ascending=[True, spec.mode == "min", True],
                                     na_position="last", kind="stable")
         for _, row in ranked.iterrows():
             trials.append({
                 "run_name": row["run_name"], "run_id": row["run_id"],
                 "state": row["state"],
-                **{m: _num(row.get(m)) for m in TRIAL_METRICS},
+                **{m: _num(row.get(m)) for m in metrics},
                 "params": {k: _plain(row.get(f"params.{k}")) for k in keys},
             })
     report = [f.path for f in store.client.list_artifacts(run.info.run_id, "report")]
@@ -220,8 +265,7 @@ def show_study(store: Store, name: str, limit: int | None = None) -> dict[str, A
         "trials": trials[:limit] if limit else trials,
         "best_run_id": best.run["run_id"] if best is not None else None,
         # with --repeats: means over the best config's repeats, as the sampler saw them
-        "best_val_accuracy": _num(best.objective_mean) if best is not None else None,
-        "best_test_accuracy": _num(best.test_mean) if best is not None else None,
+        **_best_fields(spec, best),
         "report_path": "report/" if report else None,
         "report_uri": f"{run.info.artifact_uri.rstrip('/')}/report" if report else None,
         "promote_command": _promote_command(store, best.run["run_id"]) if best is not None else None,
@@ -230,42 +274,56 @@ def show_study(store: Store, name: str, limit: int | None = None) -> dict[str, A
 
 
 class CompareData(NamedTuple):
-    """val_accuracy of each study's completed trials, in the order the studies were named."""
+    """The primary metric (val_accuracy for classification) of each study's completed
+    trials, in the order the studies were named; `mode` says which way is better."""
 
     studies: list[str]
     values: list[list[float]]
+    metric: str = M.VAL_ACCURACY
+    mode: str = "max"
 
 
 def compare_studies(store: Store, names: list[str]) -> tuple[list[dict[str, Any]], CompareData]:
-    """Per study, side by side: completed trials, best and median val_accuracy, the best
-    trial's test_accuracy (shown, never used to choose), median runtime, wall time, sampler.
-    Every name is checked before any study is read, so a typo costs nothing."""
+    """Per study, side by side: completed trials, best and median of the task's primary
+    metric, the best trial's test counterpart (shown, never used to choose), median runtime,
+    wall time, sampler. Every name is checked before any study is read, so a typo costs
+    nothing; studies of different tasks are refused (no one metric ranks them)."""
     names = list(dict.fromkeys(names))
     runs = [_study_run(store, n) for n in names]
+    specs = [study_spec(run) for run in runs]
+    if len({spec.name for spec in specs}) > 1:
+        shown = ", ".join(f"{n} ({spec.name})" for n, spec in zip(names, specs))
+        raise HPNInputError(f"studies of different tasks cannot be compared on one metric: "
+                            f"{shown}; compare studies of one task")
+    spec = specs[0]
+    accuracy = spec.primary == M.VAL_ACCURACY
     rows, values = [], []
     for name, run in zip(names, runs):
         frame = _frame(store, run.info.run_id)
         done = frame[frame["state"] == "completed"] if not frame.empty else frame
-        val = _column(done, M.VAL_ACCURACY).dropna()
+        val = _column(done, spec.primary).dropna()
         runtime = _column(done, M.RUNTIME_S).dropna()
-        best = best_config(frame, M.VAL_ACCURACY) if not frame.empty else None
+        best = (best_config(frame, spec.primary, spec.mode, spec.test_primary)
+                if not frame.empty else None)
         header = _study_header(run)
+        median = _num(val.median()) if len(val) else None
         rows.append({
             "study": name, "state": header["state"], "sampler": header["sampler"],
-            "trials_completed": len(done),
-            "best_val_accuracy": _num(best.objective_mean) if best is not None else None,
-            "median_val_accuracy": _num(val.median()) if len(val) else None,
-            "best_test_accuracy": _num(best.test_mean) if best is not None else None,
+            "task": spec.name, "trials_completed": len(done),
+            **_best_fields(spec, best),
+            "median_val_accuracy": median if accuracy else None,
+            "median_value": median,
             "best_run_id": best.run["run_id"] if best is not None else None,
             "median_runtime_s": _num(runtime.median()) if len(runtime) else None,
             "wall_s": header["wall_s"],
         })
         values.append([float(v) for v in val])
-    return rows, CompareData(names, values)
+    return rows, CompareData(names, values, spec.primary, spec.mode)
 
 
 def draw_compare(data: CompareData, path: str | Path) -> None:
-    """Box plot of val_accuracy per study with each trial as a jittered dot on top."""
+    """Box plot of the studies' primary metric per study with each trial as a jittered dot
+    on top; the axis names the metric and, for an error metric, that lower is better."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -282,7 +340,8 @@ def draw_compare(data: CompareData, path: str | Path) -> None:
         ax.scatter(pos + rng.uniform(-0.12, 0.12, len(vals)), vals, s=18, alpha=0.7, zorder=3)
     ax.set_xticks(positions, data.studies)
     ax.set_xlim(0.4, len(positions) + 0.6)
-    ax.set_ylabel(f"{M.VAL_ACCURACY} (completed trials)")
+    lower = "; lower is better" if data.mode == "min" else ""
+    ax.set_ylabel(f"{data.metric} (completed trials{lower})")
     ax.set_title("Studies compared")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -23,6 +23,7 @@ import yaml
 from hpn import metrics as M
 from hpn.config import load_config, parse_override
 from hpn.errors import HPNInputError
+from hpn.tasks import TaskSpec, task_spec
 from hpn.train import prepare_data
 from tuning import optuna_store, tracking
 from tuning.spaces import load_space, resolve_space_path
@@ -55,7 +56,8 @@ class StudyOptions:
     # mean); None: 1 for a new study, the recorded number on resume
     register: bool = True
     model_name: str = "hpn-persona"
-    # val_accuracy must beat the validation majority-class baseline by more than this to register
+    # each of the task's validation metrics must beat its trivial baseline by this to register
+    # (a score: by more than this many points; an error: below baseline x (1 - this))
     baseline_margin: float = M.DEFAULT_BASELINE_MARGIN
     progress: bool = False  # the live line (only on a terminal)
     verbose: bool = False  # with progress, a line per finished trial
@@ -93,6 +95,13 @@ def _check(opts: StudyOptions) -> None:
         raise HPNInputError("--resume: needs --name of the study to resume")
     if not opts.resume:  # a bad space file is refused before any store or Ray exists
         load_space(resolve_space_path(opts.space))
+
+
+def study_spec(base: Any) -> TaskSpec:
+    """The study's task (its base config's `model.task`; a space cannot search it): which
+    validation metric the sampler, ASHA, the best trial and registration go by, and whether
+    higher or lower is better."""
+    return task_spec(tracking.config_task(base))
 
 
 def _searched_ranges(space: Any) -> dict[str, tuple[float, float]]:
@@ -197,11 +206,13 @@ def _claim_name(plan: StudyPlan, name: str) -> None:
     --name X` started together cannot both start it. Just before, not at the name check: a
     kill during the encode would otherwise leave a name claimed with no run to resume. The
     directions are the ones _run_leg's searcher optimises (Ray's OptunaSearch keeps what is
-    stored): val_accuracy up and, for a multi-objective sampler, peak memory down."""
+    stored): the task's primary metric in its direction (val_accuracy up, val_mae down) and,
+    for a multi-objective sampler, peak memory down."""
     from tuning.samplers import is_multi_objective
 
     assert plan.optuna_storage is not None, "every new study has an Optuna storage"
-    directions = ["maximize", "minimize"] if is_multi_objective(plan.sampler) else ["maximize"]
+    primary = "maximize" if study_spec(plan.base).mode == "max" else "minimize"
+    directions = [primary, "minimize"] if is_multi_objective(plan.sampler) else [primary]
     if not optuna_store.claim_study(optuna_store.open_storage(plan.optuna_storage), name, directions):
         shown = optuna_store.redact(plan.optuna_storage)
         raise HPNInputError(
@@ -552,6 +563,7 @@ def _open_parent(client: Any, experiment_id: str, parent: str | None, name: str,
         tracking.COMMAND_TAG: " ".join(shlex.quote(optuna_store.redact(a)) for a in sys.argv),
         tracking.BASE_CONFIG_TAG: json.dumps(base.to_dict()),
         tracking.OPTUNA_STUDY_TAG: name,
+        tracking.TASK_TAG: study_spec(base).name,
         "mlflow.note.content": space.summary,
     }
     if plan.optuna_storage:
@@ -575,6 +587,7 @@ def _run_leg(client: Any, experiment_id: str, parent: str, name: str, tracking_u
     from tuning.samplers import is_multi_objective, make_sampler
 
     multi = is_multi_objective(plan.sampler)
+    spec = study_spec(plan.base)
     index = legs.index(leg)
     # Each extension gets its own sampler seed: a seeded random sampler would otherwise
     # propose the first experiment's configs again.
@@ -589,8 +602,8 @@ def _run_leg(client: Any, experiment_id: str, parent: str, name: str, tracking_u
     settings = ray_tune.TuneSettings(
         trials=leg.trials, max_concurrent=plan.max_concurrent, cpus_per_trial=plan.cpus_per_trial,
         gpus_per_trial=gpus, scheduler=plan.scheduler, storage_path=storage,
-        metric=[M.VAL_ACCURACY, memory_metric] if multi else M.VAL_ACCURACY,
-        mode=["max", "min"] if multi else "max", epochs=plan.base.train.epochs,
+        metric=[spec.primary, memory_metric] if multi else spec.primary,
+        mode=[spec.mode, "min"] if multi else spec.mode, epochs=plan.base.train.epochs,
         repeats=plan.repeats, experiment=leg.name, optuna_storage=plan.optuna_storage,
         optuna_study=name,
     )
@@ -599,12 +612,12 @@ def _run_leg(client: Any, experiment_id: str, parent: str, name: str, tracking_u
     # The live line starts from what Ray saved as finished (a trial finished in MLflow but
     # not yet saved by Ray is replayed, and counted when it finishes again).
     finished = {t for t, s in _all_statuses(storage, legs).items() if s in ("TERMINATED", "ERROR")}
-    start = resumed((r.data.tags.get(STATE_TAG), r.data.metrics.get(M.VAL_ACCURACY), r.info.run_name)
-                    for r in trial_runs(client, experiment_id, parent)
-                    if r.data.tags.get(TRIAL_ID_TAG) in finished)
+    start = resumed(((r.data.tags.get(STATE_TAG), r.data.metrics.get(spec.primary), r.info.run_name)
+                     for r in trial_runs(client, experiment_id, parent)
+                     if r.data.tags.get(TRIAL_ID_TAG) in finished), spec.mode)
     progress = ray_tune.ProgressCallback(
         StudyProgress(name, total, concurrency=plan.max_concurrent, verbose=opts.verbose,
-                      enabled=opts.progress, **start),
+                      enabled=opts.progress, task=spec.name, **start),
         trial_offset=ctx.trial_offset)
     try:
         if plan.optuna_storage:  # Ray's restored searcher holds it without its password
@@ -642,8 +655,9 @@ def _finish(client: Any, experiment_id: str, parent: str, name: str, plan: Study
     from tuning.report import best_config
     from tuning.samplers import is_multi_objective
 
+    spec = study_spec(plan.base)
     trials_df = tracking.trials_frame(client, experiment_id, parent)
-    best = best_config(trials_df, M.VAL_ACCURACY)
+    best = best_config(trials_df, spec.primary, spec.mode, spec.test_primary)
     gpus = float(client.get_run(parent).data.tags.get(tracking.GPUS_PER_TRIAL_TAG, "0") or 0)
     memory_metric = (M.PEAK_VRAM_MB if gpus > 0 else M.PEAK_RSS_MB) \
         if is_multi_objective(plan.sampler) else None
@@ -651,7 +665,7 @@ def _finish(client: Any, experiment_id: str, parent: str, name: str, plan: Study
     if plan.optuna_storage:
         optuna_study = optuna_store.load_study(optuna_store.open_storage(plan.optuna_storage), name)
     _write_reports(client, parent, trials_df, plan.space, plan.base, data, best, tracking_uri,
-                   memory_metric, optuna_study)
+                   memory_metric, optuna_study, spec)
     wall = tracking.log_study_wall(client, parent, session_started)
     states = trials_df["state"].value_counts().to_dict() if not trials_df.empty else {}
     summary: dict[str, Any] = {
@@ -668,6 +682,12 @@ def _finish(client: Any, experiment_id: str, parent: str, name: str, plan: Study
         "trials_errored": int(states.get("error", 0)),
         "trials_lost": int(states.get("lost", 0)),
         "wall_s": wall,
+        "task": spec.name,
+        # The task's primary metric (what chose the best) and its test counterpart, by name,
+        # for every task; best_val_accuracy / best_test_accuracy stay for the tasks whose
+        # primary is accuracy (classification, joint) and are None for the others.
+        "best_metric": spec.primary, "best_mode": spec.mode, "best_value": None,
+        "best_test_metric": spec.test_primary, "best_test_value": None,
         "best_config": None, "best_val_accuracy": None, "best_test_accuracy": None,
         "best_run_id": None,
     }
@@ -677,13 +697,18 @@ def _finish(client: Any, experiment_id: str, parent: str, name: str, plan: Study
             "best_config": {k[len("params."):]: _plain(best.run[k]) for k in searched
                             if k in best.run.index and not pd.isna(best.run[k])},
             # with --repeats: means over the best config's repeats (what the sampler saw)
-            "best_val_accuracy": best.objective_mean,
-            "best_test_accuracy": best.test_mean,
+            "best_value": best.objective_mean,
+            "best_test_value": best.test_mean,
             "best_run_id": best.run["run_id"],
         })
+        if spec.primary == M.VAL_ACCURACY:
+            summary.update(best_val_accuracy=best.objective_mean,
+                           best_test_accuracy=best.test_mean)
         tracking.log_best_params(client, parent, summary["best_config"])
-        client.log_metric(parent, "best_val_accuracy", summary["best_val_accuracy"])
-        client.log_metric(parent, "best_test_accuracy", summary["best_test_accuracy"])
+        # best_val_accuracy / best_test_accuracy for classification as always; best_val_mae
+        # / best_test_mae for regression, ...: the parent run's number is named by its metric.
+        client.log_metric(parent, f"best_{spec.primary}", best.objective_mean)
+        client.log_metric(parent, f"best_{spec.test_primary}", best.test_mean)
         client.set_tag(parent, tracking.BEST_RUN_TAG, best.run["run_id"])
     for key in ("trials_completed", "trials_pruned", "trials_errored", "trials_lost"):
         client.log_metric(parent, key, summary[key])
@@ -726,13 +751,14 @@ def resume_command(opts: StudyOptions, name: str, extend_to: int | None = None) 
 
 def _write_reports(client: Any, parent: str, trials_df: pd.DataFrame, space: Any, base: Any,
                    data: Any, best: Any, tracking_uri: str, memory_metric: str | None,
-                   optuna_study: Any) -> None:
+                   optuna_study: Any, spec: TaskSpec | None = None) -> None:
     """The study report (report/: Optuna's plots of the study, our heatmap and edge report,
     plots.json saying which plot was skipped and why), the seed project's outputs
     (report/seed/) and the resolved config, as artifacts of the parent run."""
     from tuning.report import write_optuna_plots, write_study_report
     from tuning.seed_report import write_seed_report
 
+    spec = spec or study_spec(base)
     searched = [f"params.{k}" for k in space.keys()]
     plotted = trials_df[[c for c in trials_df.columns if not c.startswith("params.") or c in searched]]
     tsne = None
@@ -743,12 +769,12 @@ def _write_reports(client: Any, parent: str, trials_df: pd.DataFrame, space: Any
             warnings.warn(f"t-SNE of the best model skipped: {type(exc).__name__}: {exc}",
                           stacklevel=1)
     with tempfile.TemporaryDirectory() as tmp:
-        write_study_report(plotted, tmp, M.VAL_ACCURACY, _searched_ranges(space))
+        write_study_report(plotted, tmp, spec.primary, _searched_ranges(space), spec.mode)
         if optuna_study is not None:  # None: a study from before the Optuna storage
-            plots = write_optuna_plots(optuna_study, tmp, M.VAL_ACCURACY,
-                                       [M.VAL_ACCURACY, memory_metric] if memory_metric else None)
+            plots = write_optuna_plots(optuna_study, tmp, spec.primary,
+                                       [spec.primary, memory_metric] if memory_metric else None)
             (Path(tmp) / "plots.json").write_text(json.dumps(plots, indent=2))
-        write_seed_report(trials_df, space.keys(), Path(tmp) / "seed", tsne)
+        write_seed_report(trials_df, space.keys(), Path(tmp) / "seed", tsne, spec.name)
         client.log_artifacts(parent, tmp, "report")
         (Path(tmp) / "base_config.yaml").write_text(yaml.safe_dump(base.to_dict(), sort_keys=False))
         client.log_artifact(parent, str(Path(tmp) / "base_config.yaml"))
@@ -765,8 +791,8 @@ def _best_model_tsne(run_id: str, data: Any, tracking_uri: str) -> Any:
     from tuning.pyfunc import download_hpn
     from tuning.seed_report import tsne_data
 
-    if data.features is None:
-        return None
+    if data.features is None or data.corpus.labels is None:
+        return None  # no cached embeddings, or no classes to colour them by (regression)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file
     with tempfile.TemporaryDirectory() as tmp:
         head = HPNClassifier.load(download_hpn(MlflowClient(tracking_uri), run_id, tmp)).head

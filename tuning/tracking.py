@@ -50,6 +50,10 @@ CODE_VERSION_TAG = "hpn.code_version"
 COMMAND_TAG = "hpn.command"
 BASE_CONFIG_TAG = "hpn.base_config"  # the resolved config a resumed study must reuse
 BEST_RUN_TAG = "hpn.best_run_id"
+#: The study's `model.task` (on its parent run and on every trial run): which metric is
+#: primary and in which direction (`hpn.tasks.task_spec`). A run without it predates tasks
+#: and is classification (`run_task`).
+TASK_TAG = "hpn.task"
 # What a study was started with, so `--resume --name S` continues it as it was.
 TRIALS_TAG = "hpn.trials"
 MAX_CONCURRENT_TAG = "hpn.max_concurrent"
@@ -339,6 +343,20 @@ def experiment_id_if_any(tracking_uri: str, name: str) -> str | None:
     except Exception:  # noqa: BLE001 (an unreachable or outdated store: the UI will say why)
         return None
     return exp.experiment_id if exp is not None and exp.lifecycle_stage == "active" else None
+
+
+def config_task(cfg: Any) -> str:
+    """A Config's `model.task`; a config from before tasks existed is classification."""
+    return getattr(getattr(cfg, "model", None), "task", None) or "classification"
+
+
+def run_task(run: Any) -> str:
+    """The task a run trained (a trial) or studied (a study's run): its `hpn.task` tag, else
+    a trial's `model.task` param, else classification (logged before tasks existed). Read
+    wherever a run's metrics are judged, so each is judged by its own task's metric."""
+    tags = run.data.tags or {}
+    params = getattr(run.data, "params", None) or {}
+    return tags.get(TASK_TAG) or params.get("model.task") or "classification"
 
 
 def find_study_run(client: MlflowClient, experiment_id: str, study: str) -> str | None:

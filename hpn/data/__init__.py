@@ -1,6 +1,7 @@
-"""Data: a labelled persona Corpus, its seeded stratified split and the loaders behind it.
+"""Data: a persona Corpus (labels, a target, label sets), its seeded stratified split and the
+loaders behind it.
 
-`load_corpus(cfg.data)` is the entry point: the built-in synthetic corpus, a local
+`load_corpus(cfg.data, cfg.model.task)` is the entry point: the built-in synthetic corpus, a local
 JSONL / CSV / Parquet file, or PersonaHub (hub or local copy) with derived labels.
 `corpus_summary` / `write_labels_jsonl` show a corpus before tuning on it (`hpn-tune data`).
 """
@@ -10,7 +11,12 @@ from __future__ import annotations
 from hpn.data.corpus import MIN_CLASS_SIZE, Corpus, Split
 from hpn.data.files import corpus_from_file, read_table
 from hpn.data.loader import load_corpus
-from hpn.data.personahub import KEYWORD_PATTERNS, keyword_label, load_personahub
+from hpn.data.personahub import (
+    KEYWORD_PATTERNS,
+    keyword_label,
+    keyword_labels,
+    load_personahub,
+)
 from hpn.data.summary import (
     check_output_file,
     corpus_summary,
@@ -31,6 +37,7 @@ __all__ = [
     "corpus_summary",
     "format_summary",
     "keyword_label",
+    "keyword_labels",
     "label_counts",
     "load_corpus",
     "load_personahub",

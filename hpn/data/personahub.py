@@ -16,13 +16,17 @@ from hpn.data.corpus import Corpus, check_texts
 from hpn.data.files import (
     check_labels,
     column,
+    corpus_from_label_sets,
     corpus_from_labels,
+    label_sets_of,
     one_line,
     read_table,
     require_column,
     resolve_text_column,
+    targets_of,
 )
 from hpn.errors import DataError
+from hpn.tasks import CLASSIFICATION, task_spec
 
 if TYPE_CHECKING:
     from hpn.config import DataConfig
@@ -37,7 +41,8 @@ SUBSETS = {"keywords": PERSONA_SUBSET, "elite_domain": ELITE_SUBSET}
 
 #: The seed project's patterns, in its order, exactly as it wrote them (issue 9): searched
 #: with `re.search` in the lower-cased text (substring match, no word boundaries, so "coder"
-#: also matches "encoder"); the first that matches gives the label, none gives "other".
+#: also matches "encoder"); the first that matches gives the label, none gives "other"
+#: (for model.task=multilabel, every pattern that matches gives one).
 KEYWORD_PATTERNS: tuple[tuple[str, str], ...] = (
     ("educator", r"(professor|teacher|educator|instructor)"),
     ("healthcare", r"(doctor|physician|surgeon|nurse|healthcare)"),
@@ -63,6 +68,14 @@ def keyword_label(text: str) -> str:
         if pattern.search(lowered):
             return label
     return OTHER_LABEL
+
+
+def keyword_labels(text: str) -> list[str]:
+    """Multi-label: every pattern that matches, in pattern order ("other" only when none does),
+    so "A doctor who is also a teacher" is both educator and healthcare."""
+    lowered = text.lower()
+    labels = [label for label, pattern in _COMPILED if pattern.search(lowered)]
+    return labels or [OTHER_LABEL]
 
 
 def _is_domain(value: object) -> bool:
@@ -104,12 +117,15 @@ def _download(
     return {name: [row.get(name) for row in rows] for name in rows[0]}
 
 
-def load_personahub(cfg: DataConfig) -> Corpus:
+def load_personahub(cfg: DataConfig, task: str = CLASSIFICATION) -> Corpus:
     """PersonaHub from the hub, or any local file (`data.path`), with derived labels.
 
     Like the seed project, it keeps the first `data.size` rows in file order (the first that
-    carry a label, for elite_domain), not a random sample.
+    carry a label, for elite_domain), not a random sample. For `task`: multilabel reads label
+    sets (all keyword matches; a list or delimited label cell); regression and joint read
+    `data.target_column`, which only a local file can have.
     """
+    spec = task_spec(task)
     if cfg.path:
         table = read_table(cfg.path)
         where, names = cfg.path, table.column_names
@@ -128,16 +144,32 @@ def load_personahub(cfg: DataConfig) -> Corpus:
     text_column = resolve_text_column(names, cfg.text_column, where)
     texts = get(text_column)
     check_texts(texts, text_column)
-    if cfg.labels == "keywords":
-        texts = _first(texts, cfg.size)
-        raw: Sequence[object] = [keyword_label(t) for t in texts]
-    else:
-        label_column = GENERAL_DOMAIN_COLUMN if cfg.labels == "elite_domain" else cfg.label_column
+    if spec.uses_target:
+        require_column(names, cfg.target_column, "data.target_column", where)
+    rows = list(range(len(texts)))
+    raw: Sequence[object] = []
+    label_column = GENERAL_DOMAIN_COLUMN if cfg.labels == "elite_domain" else cfg.label_column
+    if cfg.labels != "keywords":
         require_column(names, label_column, "data.label_column", where)
         raw = get(label_column)
         if cfg.labels == "elite_domain":  # personas without a domain carry no label: drop them
-            labelled = [i for i, value in enumerate(raw) if _is_domain(value)]
-            texts, raw = [texts[i] for i in labelled], [raw[i] for i in labelled]
-        texts, raw = _first(texts, cfg.size), _first(raw, cfg.size)
-        check_labels(raw, label_column)
-    return corpus_from_labels(texts, raw)
+            rows = [i for i, value in enumerate(raw) if _is_domain(value)]
+    rows = _first(rows, cfg.size)
+    texts = [texts[i] for i in rows]
+    targets = None
+    if spec.uses_target:  # checked on the rows kept, named by their row in the file
+        values = get(cfg.target_column)
+        targets = targets_of([values[i] for i in rows], cfg.target_column, rows)
+    if not (spec.uses_labels or spec.multilabel):  # regression: labels would only be checked
+        return Corpus(texts, None, [], targets=targets)
+    if cfg.labels == "keywords":
+        if spec.multilabel:
+            return corpus_from_label_sets(texts, [keyword_labels(t) for t in texts], targets)
+        return corpus_from_labels(texts, [keyword_label(t) for t in texts], targets)
+    raw = [raw[i] for i in rows]
+    if spec.multilabel:
+        return corpus_from_label_sets(
+            texts, label_sets_of(raw, label_column, cfg.label_separator), targets
+        )
+    check_labels(raw, label_column)
+    return corpus_from_labels(texts, raw, targets)

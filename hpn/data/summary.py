@@ -2,7 +2,8 @@
 
 Why: before a study spends hours on a corpus, see which labels it really yields (how much of
 PersonaHub falls in `other`, which classes are tiny), the fingerprint a study will log, and
-the split sizes; and export text + label to check the labelling by hand.
+the split sizes; for a regression target its range, for label sets how many labels a text
+carries; and export text + label (+ target) to check the labelling by hand.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ def label_source(cfg: DataConfig) -> str:
 
 
 def label_counts(corpus: Corpus) -> dict[str, int]:
-    """Examples per label name, most frequent first (ties by name, so the order is stable)."""
-    counts = corpus.class_counts()
+    """Examples per label name, most frequent first (ties by name, so the order is stable);
+    with label sets a text counts once for each label it carries."""
+    counts = corpus.label_set_counts()
     pairs = sorted(zip(corpus.label_names, counts.tolist()), key=lambda p: (-p[1], p[0]))
     return {name: int(count) for name, count in pairs if count > 0}
 
@@ -33,7 +35,7 @@ def label_counts(corpus: Corpus) -> dict[str, int]:
 def corpus_summary(corpus: Corpus, cfg: DataConfig) -> dict[str, Any]:
     """Everything a study would log about its data, split as `train` splits it."""
     split = corpus.split(cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    return {
+    summary: dict[str, Any] = {
         "source": cfg.source,
         "labels": label_source(cfg),
         "path": cfg.path if cfg.source != "synthetic" else None,
@@ -43,6 +45,15 @@ def corpus_summary(corpus: Corpus, cfg: DataConfig) -> dict[str, Any]:
         "fingerprint": corpus.fingerprint(),
         "split": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
     }
+    if corpus.targets is not None:
+        y = corpus.targets
+        summary["target"] = {
+            "column": "age" if cfg.source == "synthetic" else cfg.target_column,
+            "min": float(y.min()), "mean": float(y.mean()), "max": float(y.max()),
+        }
+    if corpus.label_sets is not None:  # labels per text: what a multi-label model must match
+        summary["label_cardinality"] = float(corpus.label_sets.sum(axis=1).mean())
+    return summary
 
 
 def format_summary(summary: dict[str, Any]) -> list[str]:
@@ -59,6 +70,12 @@ def format_summary(summary: dict[str, Any]) -> list[str]:
     width = max((len(name) for name in summary["label_counts"]), default=0)
     for name, count in summary["label_counts"].items():
         lines.append(f"  {name:<{width}}  {count:>7}  {100.0 * count / max(size, 1):5.1f}%")
+    if "label_cardinality" in summary:
+        lines.append(f"cardinality  {summary['label_cardinality']:.3f} labels per text")
+    if "target" in summary:
+        t = summary["target"]
+        lines.append(f"target       {t['column']}: min {t['min']:g}, mean {t['mean']:.4g}, "
+                     f"max {t['max']:g}")
     lines += [
         f"fingerprint  {summary['fingerprint']}",
         f"split        train {split['train']}, val {split['val']}, test {split['test']}",
@@ -79,9 +96,20 @@ def check_output_file(path: str | Path, key: str = "--output") -> Path:
 
 
 def write_labels_jsonl(corpus: Corpus, path: str | Path) -> int:
-    """One `{"text", "label"}` row per text, in corpus order, UTF-8 kept readable; returns rows."""
+    """One row per text, in corpus order, UTF-8 kept readable; returns rows. A row holds
+    `text`, `label` (the class name, or the list of a label set) and `target` when the corpus
+    has one: the columns a file needs to be read back with the default config keys."""
+    names = corpus.label_names
     with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for text, label in zip(corpus.texts, corpus.labels.tolist()):
-            row = {"text": text, "label": corpus.label_names[label]}
+        for i, text in enumerate(corpus.texts):
+            row: dict[str, Any] = {"text": text}
+            if corpus.label_sets is not None:
+                main = int(corpus.labels[i])  # first, so reading the file back keeps it main
+                others = [c for c in map(int, corpus.label_sets[i].nonzero()[0]) if c != main]
+                row["label"] = [names[c] for c in [main, *others]]
+            elif corpus.labels is not None:
+                row["label"] = names[int(corpus.labels[i])]
+            if corpus.targets is not None:
+                row["target"] = float(corpus.targets[i])
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return len(corpus)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import re
+import string
 
 import numpy as np
 
@@ -388,7 +389,115 @@ DOMAIN_SLOTS = {
 }
 # fmt: on
 
+# -- the numeric attribute (target=True): an age, written in several ways -------------------
+AGE_RANGE = (19, 85)
+AGE_SPREAD = 11.0  # standard deviation around the persona's expected age
+# Mean age per domain: a weak signal of its own (history buffs skew older, athletes younger).
+DOMAIN_AGE = {
+    "medicine": 44, "law": 46, "software": 34, "finance": 42, "education": 45,
+    "agriculture": 52, "arts": 41, "sports": 31, "journalism": 39, "environment": 36,
+    "engineering": 42, "hospitality": 35, "history": 55, "psychology": 45,
+}
+# Words the persona text already has that imply an age; checked in order, the first wins,
+# so a "retired" adjective is not contradicted by a young age too often.
+AGE_CUES: tuple[tuple[str, float], ...] = (
+    ("semi-retired", 64), ("retiree", 70), ("retired", 70), ("newly qualified", 27),
+    ("young", 27), ("aspiring", 28), ("mid-career", 42), ("raising two teenagers", 46),
+    ("veteran", 55), ("former", 58), ("experienced", 50),
+)
+# (subject, verb "to be", verb "to have", possessive) for she / he / they.
+PRONOUNS = (("she", "is", "has", "her"), ("he", "is", "has", "his"),
+            ("they", "are", "have", "their"))
+DECADES = {1: "teens", 2: "twenties", 3: "thirties", 4: "forties", 5: "fifties",
+           6: "sixties", 7: "seventies", 8: "eighties"}
+# (oldest age of the stage, phrasings); {s}/{be}/{have}/{poss} from PRONOUNS.
+LIFE_STAGES: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (24, ("{S} {be} a recent graduate.", "{S} only finished university last year.",
+          "{S} {be} just starting out in working life.")),
+    (33, ("{S} {be} early in {poss} career.", "{S} {be} still finding {poss} feet at work.",
+          "{S} recently rented {poss} first flat with friends.")),
+    (47, ("{S} {be} in the middle of {poss} career.", "{S} {be} juggling work and school runs.",
+          "{S} {have} a mortgage and two kids in primary school.")),
+    (59, ("{S} {have} decades of work behind {obj}.", "{S} {have} grown-up children.",
+          "{S} {be} a seasoned hand with a long career behind {obj}.")),
+    (66, ("{S} {be} nearing retirement.", "{S} {be} planning to retire in a few years.",
+          "{S} {be} counting the years to {poss} pension.")),
+    (200, ("{S} {be} long retired.", "{S} {be} retired and dotes on {poss} grandchildren.",
+           "{S} {have} been drawing a pension for years.")),
+)
+# How an age is written, with weights: digits, a decade, a life stage, years of work.
+AGE_FORMS = (("number", 0.3), ("decade", 0.3), ("stage", 0.25), ("experience", 0.15))
+SECOND_AGE_FORM = 0.5  # the share of personas whose age is written a second, other way
+
+
+def _expected_age(text: str, domain: str) -> float:
+    lowered = text.lower()
+    for cue, age in AGE_CUES:
+        if cue in lowered:
+            return age
+    return DOMAIN_AGE[domain]
+
+
+def _decade_phrase(age: int) -> str:
+    part = "early" if age % 10 <= 3 else "mid" if age % 10 <= 6 else "late"
+    return f"{part} {DECADES[age // 10]}"
+
+
+def _age_phrase(rng: random.Random, form: str, age: int, fill: dict[str, str]) -> str:
+    """One sentence saying `age` in the way `form` (AGE_FORMS) names."""
+    if form == "number":
+        sentence = rng.choice(("{S} {be} {age} years old.", "Aged {age}.",
+                               "{S} turned {age} this year."))
+    elif form == "decade":
+        sentence = rng.choice(("{S} {be} in {poss} {decade}.", "In {poss} {decade}.",
+                               "{S} {be} somewhere in {poss} {decade}."))
+    elif form == "stage":
+        sentence = rng.choice(next(p for top, p in LIFE_STAGES if age <= top))
+    else:  # years of work: age less a career start around 22
+        years = max(2, age - rng.randint(19, 26))
+        sentence = rng.choice(("{S} {have} {years} years of work experience.",
+                               "{S} {have} been working for {years} years."))
+        fill = {**fill, "years": str(years)}
+    return sentence.format(age=age, decade=_decade_phrase(age), **fill)
+
+
+def _age_sentence(rng: random.Random, text: str, age: int) -> str:
+    """`text` with its age written into it: one way of AGE_FORMS, sometimes two (a persona
+    text is long and the age phrase short; a second phrase keeps the signal readable)."""
+    subject, be, have, poss = rng.choice(PRONOUNS)
+    obj = {"she": "her", "he": "him", "they": "them"}[subject]
+    fill = {"S": subject.capitalize(), "be": be, "have": have, "poss": poss, "obj": obj}
+    names, weights = [f for f, _ in AGE_FORMS], [w for _, w in AGE_FORMS]
+    forms = rng.choices(names, weights=weights)
+    if rng.random() < SECOND_AGE_FORM:
+        rest = [i for i, f in enumerate(names) if f != forms[0]]
+        forms += rng.choices([names[i] for i in rest], weights=[weights[i] for i in rest])
+    for form in forms:
+        lead = re.match(r"An? ", text)
+        if form == "number" and lead and rng.random() < 0.5:  # "A 47-year-old surgeon ..."
+            article = "An" if str(age).startswith("8") or age in (11, 18) else "A"
+            text = f"{article} {age}-year-old {text[lead.end():]}"
+        else:
+            text = f"{text} {_age_phrase(rng, form, age, fill)}"
+    return text
+
+
+def with_ages(texts: list[str], domains: list[str], seed: int) -> tuple[list[str], list[int]]:
+    """An age per persona, drawn around what its domain and words suggest, and the texts with
+    that age written in. Its own random stream (`attribute-{seed}`), so the main stream,
+    and with it every text and label of `target=False`, is untouched."""
+    rng = random.Random(f"attribute-{seed}")
+    low, high = AGE_RANGE
+    out, ages = [], []
+    for text, domain in zip(texts, domains):
+        age = round(min(high, max(low, rng.gauss(_expected_age(text, domain), AGE_SPREAD))))
+        ages.append(age)
+        out.append(_age_sentence(rng, text, age))
+    return out, ages
+
+
 _ARTICLE = re.compile(r"\b([Aa]) (?=[aeioAEIO])")  # not "u": "a university"
+_SLOTS_USED = {t: {f for _, f, _, _ in string.Formatter().parse(t) if f} for t in TEMPLATES}
 
 
 def class_sizes(size: int, num_classes: int, rng: random.Random) -> list[int]:
@@ -402,7 +511,9 @@ def class_sizes(size: int, num_classes: int, rng: random.Random) -> list[int]:
     return [int(sizes[order.index(c)]) for c in range(num_classes)]
 
 
-def _persona(rng: random.Random, main: str, names: list[str]) -> str:
+def _persona(rng: random.Random, main: str, names: list[str]) -> tuple[str, str | None]:
+    """A persona text, and the second domain its text really borrows words from (None when
+    it is unmixed, or its template uses none of the borrowed slots)."""
     domains = {slot: main for slot in DOMAIN_SLOTS}
     if rng.random() < MIX_FRACTION:
         other = NEIGHBOURS[main] if rng.random() < 0.7 else rng.choice(names)
@@ -413,11 +524,19 @@ def _persona(rng: random.Random, main: str, names: list[str]) -> str:
                 domains[slot] = other
     values = {slot: rng.choice(DOMAINS[d][DOMAIN_SLOTS[slot]]) for slot, d in domains.items()}
     values.update(adj=rng.choice(ADJECTIVES), place=rng.choice(PLACES), hobby=rng.choice(HOBBIES))
-    return _ARTICLE.sub(r"\1n ", rng.choice(TEMPLATES).format(**values))
+    template = rng.choice(TEMPLATES)
+    borrowed = {domains[slot] for slot in _SLOTS_USED[template] if slot in domains} - {main}
+    return _ARTICLE.sub(r"\1n ", template.format(**values)), next(iter(borrowed), None)
 
 
-def synthetic_corpus(size: int, seed: int = 0, noise: float = 0.05) -> Corpus:
-    """`size` persona descriptions over 14 domains, deterministic for a seed."""
+def synthetic_corpus(size: int, seed: int = 0, noise: float = 0.05, target: bool = False) -> Corpus:
+    """`size` persona descriptions over 14 domains, deterministic for a seed.
+
+    Labels are the main domain; label sets add the domain a mixed persona borrows words
+    from (multilabel). `target=True` also gives each persona an age, written into its text
+    (`with_age`); the age has its own random stream, so texts and labels otherwise stay
+    exactly those of `target=False`, and so of every study run before targets existed.
+    """
     names = list(DOMAINS)
     if size < MIN_CLASS_SIZE * len(names):
         raise DataError(
@@ -428,7 +547,9 @@ def synthetic_corpus(size: int, seed: int = 0, noise: float = 0.05) -> Corpus:
     rng = random.Random(seed)
     labels = [c for c, n in enumerate(class_sizes(size, len(names), rng)) for _ in range(n)]
     rng.shuffle(labels)
-    texts = [_persona(rng, names[c], names) for c in labels]
+    personas = [_persona(rng, names[c], names) for c in labels]
+    texts = [text for text, _ in personas]
+    domains = [names[c] for c in labels]  # the domain each text is written in, before noise
 
     # Label noise: flip to another class, but never shrink a class below what a split needs.
     counts = np.bincount(labels, minlength=len(names))
@@ -438,4 +559,15 @@ def synthetic_corpus(size: int, seed: int = 0, noise: float = 0.05) -> Corpus:
             counts[labels[i]] -= 1
             counts[new] += 1
             labels[i] = new
-    return Corpus(texts=texts, labels=np.array(labels, dtype=np.int64), label_names=names)
+    index = {name: c for c, name in enumerate(names)}
+    label_sets = np.zeros((size, len(names)), dtype=np.bool_)
+    label_sets[np.arange(size), labels] = True
+    for i, (_, borrowed) in enumerate(personas):
+        if borrowed is not None:
+            label_sets[i, index[borrowed]] = True
+    targets = None
+    if target:
+        texts, ages = with_ages(texts, domains, seed)
+        targets = np.array(ages, dtype=np.float64)
+    return Corpus(texts, np.array(labels, dtype=np.int64), names, targets=targets,
+                  label_sets=label_sets)

@@ -73,5 +73,5 @@ def test_load_corpus_defaults_to_the_synthetic_corpus():
     cfg = DataConfig()
     assert (
         load_corpus(cfg).fingerprint()
-        == synthetic_corpus(cfg.size, cfg.seed, cfg.noise).fingerprint()
+        == synthetic_corpus(cfg.size, cfg.seed, cfg.noise).for_task("classification").fingerprint()
     )

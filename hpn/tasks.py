@@ -1,0 +1,80 @@
+"""What a task is to the rest of the system: its metrics, their direction, its baselines.
+
+`model.task` picks one of these. The trainer computes the metrics; everything downstream
+(Ray Tune's scheduler and searcher, the best-trial choice, the registration check, promote,
+reports) asks the task which validation metric is primary and whether higher is better,
+instead of assuming `val_accuracy` up. Kept free of torch so `tuning/` can import it cheaply.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hpn import metrics as M
+from hpn.errors import ConfigError
+
+CLASSIFICATION, REGRESSION, MULTILABEL, JOINT = "classification", "regression", "multilabel", "joint"
+TASKS = (CLASSIFICATION, REGRESSION, MULTILABEL, JOINT)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One registration condition: `metric` must beat the trivial `baseline` on validation."""
+
+    metric: str  # a validation metric of the trial
+    baseline: str  # the trivial predictor's value of it, on the same validation split
+    mode: str  # "max": higher is better; "min": lower is better
+
+    def passes(self, value: float, baseline: float, margin: float) -> bool:
+        """max: beat by `margin` points; min (an error): be at least `margin` x baseline lower."""
+        if self.mode == "max":
+            return value > baseline + margin
+        return value < baseline * (1.0 - margin)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    #: The validation metric that drives the sampler, ASHA, the best trial and promote.
+    primary: str
+    mode: str  # "max" | "min" for `primary`
+    #: Its test counterpart: reported beside it, never used to choose.
+    test_primary: str
+    #: What a model must beat before it is registered (all of them, for joint).
+    gates: tuple[Gate, ...]
+    uses_labels: bool  # class labels (classification, joint)
+    uses_target: bool  # a numeric target (regression, joint)
+    multilabel: bool  # label sets (multilabel)
+
+    def better(self, a: float, b: float) -> bool:
+        """Is `a` strictly better than `b` on the primary metric?"""
+        return a > b if self.mode == "max" else a < b
+
+
+_ACCURACY_GATE = Gate(M.VAL_ACCURACY, M.VAL_MAJORITY_BASELINE_ACCURACY, "max")
+_MAE_GATE = Gate(M.VAL_MAE, M.VAL_MEAN_BASELINE_MAE, "min")
+_MICRO_F1_GATE = Gate(M.VAL_MICRO_F1, M.VAL_MOST_FREQUENT_BASELINE_MICRO_F1, "max")
+
+SPECS: dict[str, TaskSpec] = {
+    CLASSIFICATION: TaskSpec(CLASSIFICATION, M.VAL_ACCURACY, "max", M.TEST_ACCURACY,
+                             (_ACCURACY_GATE,), True, False, False),
+    REGRESSION: TaskSpec(REGRESSION, M.VAL_MAE, "min", M.TEST_MAE, (_MAE_GATE,),
+                         False, True, False),
+    MULTILABEL: TaskSpec(MULTILABEL, M.VAL_MICRO_F1, "max", M.TEST_MICRO_F1, (_MICRO_F1_GATE,),
+                         False, False, True),
+    # Joint: classification's accuracy chooses (one number must), and the registration check
+    # asks both halves to beat their baselines.
+    JOINT: TaskSpec(JOINT, M.VAL_ACCURACY, "max", M.TEST_ACCURACY, (_ACCURACY_GATE, _MAE_GATE),
+                    True, True, False),
+}
+
+
+def task_spec(name: str | None) -> TaskSpec:
+    """The spec for a `model.task` value; None (a run logged before tasks existed) is
+    classification."""
+    if name is None or name == "":
+        return SPECS[CLASSIFICATION]
+    try:
+        return SPECS[name]
+    except KeyError:
+        raise ConfigError(f"model.task: unknown value {name!r}; choose one of "
+                          f"{', '.join(TASKS)}") from None
