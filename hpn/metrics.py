@@ -66,6 +66,13 @@ VAL_MEAN_BASELINE_MAE = "val_mean_baseline_mae"
 TARGET_LOW = "target_low"
 TARGET_HIGH = "target_high"
 
+# -- joint -----------------------------------------------------------------------------------
+#: Joint's one number to choose by: the mean of accuracy and the regression's MAE skill
+#: (1 - MAE / the mean-target baseline's MAE, on the same split). Both halves move it, so
+#: the sampler and ASHA see the regression half too; each is also logged on its own.
+VAL_JOINT_SCORE = "val_joint_score"
+TEST_JOINT_SCORE = "test_joint_score"
+
 # -- multi-label -----------------------------------------------------------------------------
 VAL_MICRO_F1 = "val_micro_f1"
 VAL_MACRO_F1 = "val_macro_f1"

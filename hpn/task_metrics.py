@@ -116,6 +116,12 @@ def fit_decision(scores: np.ndarray, truth: np.ndarray, mode: str = "auto") -> D
     return max(candidates, key=lambda c: c[0])[1]  # max keeps the first of equals
 
 
+def joint_score(accuracy: float, mae: float, baseline_mae: float) -> float:
+    """(accuracy + MAE skill) / 2, the skill being 1 - mae / baseline_mae: 1 is perfect on
+    both halves, 0.5 a perfect classifier that regresses no better than the mean."""
+    return (accuracy + 1.0 - mae / baseline_mae) / 2.0
+
+
 def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray, prefix: str) -> dict[str, float]:
     """{prefix}_mae, {prefix}_rmse, {prefix}_r2 (prefix "val" or "test")."""
     from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score

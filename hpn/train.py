@@ -34,6 +34,7 @@ from hpn.model import HPNClassifier, PrototypeHead, RegressionHead, head_classes
 from hpn.prototypes import regression_prototypes, separation, separation_loss
 from hpn.task_metrics import (
     fit_decision,
+    joint_score,
     multilabel_baselines,
     multilabel_metrics,
     regression_baselines,
@@ -363,6 +364,9 @@ def _train(
 
     label_sets = np.asarray(corpus.label_sets, dtype=bool) if task == MULTILABEL else None
     targets = np.asarray(corpus.targets, dtype=np.float64) if has_values else None
+    val_base_mae = (regression_baselines(targets[split.train], targets[split.val],
+                                         targets[split.test])[M.VAL_MEAN_BASELINE_MAE]
+                    if has_values else None)  # joint's per-epoch score divides by it
 
     # -- epochs -----------------------------------------------------------------------------
     rng = np.random.default_rng(cfg.train.seed)
@@ -412,6 +416,8 @@ def _train(
             row[M.VAL_ACCURACY] = accuracy(val_scores, split.val)
         if has_values:
             row[M.VAL_MAE] = regression_metrics(targets[split.val], values(val_cos), "val")[M.VAL_MAE]
+        if task == JOINT:
+            row[M.VAL_JOINT_SCORE] = joint_score(row[M.VAL_ACCURACY], row[M.VAL_MAE], val_base_mae)
         if task == MULTILABEL:
             # The rule is chosen on validation every epoch (what val_micro_f1 means); the last
             # epoch's is the model's.
@@ -442,6 +448,9 @@ def _train(
         final.update(regression_baselines(targets[split.train], targets[split.val],
                                           targets[split.test]))
         final.update({M.TARGET_LOW: low_high[0], M.TARGET_HIGH: low_high[1]})
+    if task == JOINT:
+        final[M.TEST_JOINT_SCORE] = joint_score(final[M.TEST_ACCURACY], final[M.TEST_MAE],
+                                                final[M.MEAN_BASELINE_MAE])
     if task == MULTILABEL:
         model.decision = decision
         test_ml = multilabel_metrics(label_sets[split.test], decision.apply(test_scores), "test")

@@ -331,7 +331,12 @@ def test_joint_logs_both_metric_sets(task_runs, cache_dir):
     assert m[M.TEST_MAE] < m[M.MEAN_BASELINE_MAE]
     assert {M.TEST_MACRO_F1, M.VAL_MAJORITY_BASELINE_ACCURACY, M.TEST_RMSE, M.TEST_R2,
             M.VAL_MEAN_BASELINE_MAE, M.TARGET_LOW} <= set(m)
-    assert all({M.VAL_ACCURACY, M.VAL_MAE} <= set(row) for row in rows)
+    assert all({M.VAL_ACCURACY, M.VAL_MAE, M.VAL_JOINT_SCORE} <= set(row) for row in rows)
+    # the joint score (what chooses a joint trial) is the mean of accuracy and MAE skill
+    assert m[M.TEST_JOINT_SCORE] == pytest.approx(
+        (m[M.TEST_ACCURACY] + 1 - m[M.TEST_MAE] / m[M.MEAN_BASELINE_MAE]) / 2)
+    assert m[M.VAL_JOINT_SCORE] == pytest.approx(
+        (m[M.VAL_ACCURACY] + 1 - m[M.VAL_MAE] / m[M.VAL_MEAN_BASELINE_MAE]) / 2)
     assert m[M.NUM_PROTOTYPES] == data.corpus.num_classes + 2
 
 

@@ -356,9 +356,7 @@ def log_pyfunc(client: Any, run_id: str, model: HPNClassifier) -> str:
 
 def _headline(task: str) -> tuple[str, ...]:
     """The metrics a model of `task` is described and compared by, validation first."""
-    spec = task_spec(task)
-    extra = (M.VAL_MAE, M.TEST_MAE) if task == JOINT else ()
-    return (spec.primary, spec.test_primary, *extra)
+    return task_spec(task).headline()
 
 
 def _description(run: Any, task: str = CLASSIFICATION) -> str:

@@ -124,6 +124,8 @@ def _bins(values: np.ndarray) -> tuple[list[float], np.ndarray]:
 
 def heatmap_data(trials: pd.DataFrame, objective: str = VAL_ACCURACY) -> HeatmapData:
     empty = HeatmapData([], [], np.empty((0, 0)))
+    if objective not in trials.columns:  # e.g. the seed's test_accuracy in a regression study
+        return empty
     done = _finite(trials, objective)
     dim_col, ppc_col = PARAM_PREFIX + "model.prototype_dim", PARAM_PREFIX + "model.prototypes_per_class"
     if dim_col not in done.columns:

@@ -36,11 +36,7 @@ RUN_COLUMNS = ("run_id", "trial_id", "config_group", "repeat", "state",
 def _task_metrics(task: str | None) -> list[str]:
     """A non-classification study's own val/test metrics (val_mae, test_mae, ...), which the
     seed's accuracy columns do not cover; none for classification (its table as always)."""
-    spec = task_spec(task)
-    names = [spec.primary, spec.test_primary]
-    for gate in spec.gates:
-        names += [gate.metric, "test_" + gate.metric.removeprefix("val_")]
-    return [m for m in dict.fromkeys(names) if m not in RUN_COLUMNS]
+    return [m for m in task_spec(task).headline() if m not in RUN_COLUMNS]
 
 
 def runs_table(trials: pd.DataFrame, searched: list[str], task: str | None = None) -> pd.DataFrame:
@@ -112,7 +108,8 @@ def _short(value: object) -> str:
 def accuracy_lines(runs: pd.DataFrame, x: str, series: str) -> LinesData:
     """Mean accuracy against column `x`, one line per value of column `series`."""
     done = _completed(runs)
-    if done.empty or x not in done.columns or series not in done.columns:
+    if done.empty or ACCURACY not in done.columns or x not in done.columns \
+            or series not in done.columns:  # a regression or multi-label study: no accuracy
         return LinesData(x, [], {})
     means = done.groupby([series, x])[ACCURACY].mean().unstack(x)
     xs = [float(v) for v in means.columns]

@@ -50,10 +50,7 @@ def trial_metrics(spec: TaskSpec) -> tuple[str, ...]:
     """The metrics `show` lists per trial: the primary and its test counterpart, each other
     gate's metric and its test counterpart (joint: val_mae, test_mae), then the runtime.
     Classification: TRIAL_METRICS."""
-    names = [spec.primary, spec.test_primary]
-    for gate in spec.gates:
-        names += [gate.metric, "test_" + gate.metric.removeprefix("val_")]
-    return tuple(dict.fromkeys([*names, M.RUNTIME_S]))
+    return (*spec.headline(), M.RUNTIME_S)
 
 
 def _best_fields(spec: TaskSpec, best: Any) -> dict[str, Any]:

@@ -399,6 +399,21 @@ def test_the_seed_report_tables_carry_the_tasks_metrics_best_cell_first(tmp_path
     assert {M.VAL_MAE, M.TEST_MAE} <= set(pd.read_csv(tmp_path / "runs.csv").columns)
 
 
+@pytest.mark.parametrize("task", ["regression", "multilabel"])
+def test_the_seed_report_of_a_study_searching_the_dimension_skips_the_accuracy_plots(tmp_path, task):
+    """The shipped regression and multi-label spaces search model.prototype_dim: the seed's
+    accuracy-vs-dimension plots have no test_accuracy to draw, and the report is written
+    without them (it crashed the study's end before)."""
+    from tuning.seed_report import write_seed_report
+
+    trials = _trials([3.0, 2.1, 4.5], [3.2, 2.4, 4.0])
+    written = write_seed_report(trials, ["model.prototype_dim", "train.lr"], tmp_path, task=task)
+
+    names = {p.name for p in written}
+    assert {"runs.csv", "cell_summary.csv"} <= names
+    assert not any(n.startswith("test_accuracy") for n in names)
+
+
 def test_optunas_plots_draw_a_minimised_objective(tmp_path):
     import optuna
 
