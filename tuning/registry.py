@@ -266,7 +266,9 @@ def card_metrics(task: str | None) -> tuple[str, ...]:
         names += REGRESSION_CARD_METRICS
     if spec.multilabel:
         names += MULTILABEL_CARD_METRICS
-    return tuple(dict.fromkeys(names))
+    # the task's own primary and its test counterpart (joint: val_/test_joint_score), which
+    # promote compares
+    return tuple(dict.fromkeys([*names, *spec.headline()]))
 
 
 def _target_name(params: dict[str, str]) -> str:
@@ -287,6 +289,8 @@ def _metric_rows(task: str, m: dict[str, float]) -> list[str]:
         return "|" + "|".join(cells) + "|"
 
     rows = ["| metric | validation | test |", "|---|---|---|"]
+    if spec.name == JOINT:
+        rows.append(row("joint score", M.VAL_JOINT_SCORE, M.TEST_JOINT_SCORE))
     if spec.uses_labels:
         rows += [row("accuracy", M.VAL_ACCURACY, M.TEST_ACCURACY),
                  row("macro F1", None, M.TEST_MACRO_F1)]
@@ -340,7 +344,9 @@ def _selection(task: str, m: dict[str, float], params: dict[str, str]) -> str:
                 "it, never used to choose. Hamming loss and subset accuracy reward a model "
                 "that predicts almost nothing, so read micro/macro F1 and recall first. "
                 f"Decision rule, chosen on validation: {rule}; {separation}")
-    text = ("Promotion compares validation accuracy; the test numbers are reported beside "
+    compared = ("the validation joint score (the mean of accuracy and MAE skill, 1 - MAE / "
+                "the mean-target baseline's MAE)" if spec.name == JOINT else "validation accuracy")
+    text = (f"Promotion compares {compared}; the test numbers are reported beside "
             "it, never used to choose. Majority-class baseline accuracy "
             f"{_fmt(m.get(M.MAJORITY_BASELINE_ACCURACY))}; {separation}")
     if spec.name == JOINT:

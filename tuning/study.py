@@ -685,7 +685,7 @@ def _finish(client: Any, experiment_id: str, parent: str, name: str, plan: Study
         "task": spec.name,
         # The task's primary metric (what chose the best) and its test counterpart, by name,
         # for every task; best_val_accuracy / best_test_accuracy stay for the tasks whose
-        # primary is accuracy (classification, joint) and are None for the others.
+        # primary is accuracy (classification) and are None for the others.
         "best_metric": spec.primary, "best_mode": spec.mode, "best_value": None,
         "best_test_metric": spec.test_primary, "best_test_value": None,
         "best_config": None, "best_val_accuracy": None, "best_test_accuracy": None,
