@@ -275,6 +275,9 @@ class CorpusDataset:
     size: int
     label_counts: dict[str, int]  # most frequent first
     split: dict[str, int] = field(default_factory=dict)  # train / val / test sizes
+    #: (column, MLflow type) of what the task trains on: text and label, labels (a list) or
+    #: target; a context pickled by an older study has the classification pair
+    columns: tuple[tuple[str, str], ...] = (("text", "string"), ("label", "string"))
 
     @property
     def digest(self) -> str:
@@ -286,10 +289,20 @@ def corpus_dataset(cfg: DataConfig, data: PreparedData) -> CorpusDataset:
     from hpn.data import label_counts
     from hpn.data.personahub import DATASET_ID, SUBSETS
 
-    size = len(data.corpus)
+    corpus = data.corpus
+    size = len(corpus)
     labels = "" if cfg.labels == "column" else f"-{cfg.labels}"
+    columns = [("text", "string")]
+    if corpus.label_sets is not None:
+        columns.append(("labels", "list"))
+    elif corpus.labels is not None:
+        columns.append(("label", "string"))
+    if corpus.targets is not None:
+        columns.append(("target", "double"))
     if cfg.source == "synthetic":
-        name, kind = f"synthetic-{size}", "code"
+        # with a target its texts carry the age: another corpus than synthetic-<size>
+        name = f"synthetic-age-{size}" if corpus.targets is not None else f"synthetic-{size}"
+        kind = "code"
         source: dict[str, Any] = {"tags": {"generator": "hpn.data.synthetic_corpus",
                                            "seed": str(cfg.seed), "noise": str(cfg.noise)}}
     elif cfg.path:  # a file, or a local copy of PersonaHub
@@ -299,14 +312,17 @@ def corpus_dataset(cfg: DataConfig, data: PreparedData) -> CorpusDataset:
         name, kind = f"personahub{labels}-{size}", "hugging_face"
         source = {"path": DATASET_ID, "config_name": SUBSETS.get(cfg.labels), "split": "train"}
     split = {"train": len(data.split.train), "val": len(data.split.val), "test": len(data.split.test)}
-    return CorpusDataset(name, data.fingerprint, kind, source, size, label_counts(data.corpus), split)
+    return CorpusDataset(name, data.fingerprint, kind, source, size, label_counts(corpus), split,
+                         tuple(columns))
 
 
 def dataset_input(dataset: CorpusDataset, context: str = TRIAL_DATASET_CONTEXT) -> DatasetInput:
     """The corpus as an MLflow dataset input: its schema and profile, never its texts."""
     from mlflow.types import ColSpec, Schema
+    from mlflow.types.schema import Array
 
-    schema = Schema([ColSpec("string", "text"), ColSpec("string", "label")])
+    schema = Schema([ColSpec(Array("string") if kind == "list" else kind, column)
+                     for column, kind in dataset.columns])
     profile = {"num_rows": dataset.size, "num_classes": len(dataset.label_counts),
                "label_counts": dataset.label_counts, "split": dataset.split,
                "fingerprint": dataset.fingerprint}

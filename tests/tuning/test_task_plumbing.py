@@ -570,3 +570,28 @@ def test_a_run_without_a_task_tag_is_classification_and_a_trial_param_is_read():
     run.data.tags[tracking.TASK_TAG] = "joint"
     assert tracking.run_task(run) == "joint"
     assert not task_spec(tracking.run_task(run)).gates[1].passes(1.0, 2.0, 0.5)  # 1.0 is not < 1.0
+
+
+@pytest.mark.parametrize("task, name, columns", [
+    ("classification", "synthetic-300", [("text", "string"), ("label", "string")]),
+    ("regression", "synthetic-age-300", [("text", "string"), ("target", "double")]),
+    ("multilabel", "synthetic-300", [("text", "string"), ("labels", "array")]),
+    ("joint", "synthetic-age-300", [("text", "string"), ("label", "string"), ("target", "double")]),
+])
+def test_the_dataset_input_describes_what_the_task_trains_on(task, name, columns):
+    """MLflow's dataset input names the columns of the task's view; the synthetic corpus with
+    ages written into its texts is another dataset than the plain one."""
+    import json
+    from types import SimpleNamespace
+
+    from hpn.config import load_config
+    from hpn.data import load_corpus
+
+    cfg = load_config(None, [f"model.task={task}", "data.size=300"])
+    corpus = load_corpus(cfg.data, task)
+    data = SimpleNamespace(corpus=corpus, split=corpus.split(0.15, 0.15, 0),
+                           fingerprint=corpus.fingerprint())
+    dataset = tracking.corpus_dataset(cfg.data, data)
+    schema = json.loads(tracking.dataset_input(dataset).dataset.schema)["mlflow_colspec"]
+    assert dataset.name == name
+    assert [(c["name"], c["type"]) for c in schema] == columns
