@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import yaml
 
 from hpn.errors import ConfigError
-from hpn.tasks import TASKS
+from hpn.tasks import TASKS, loss_problem
 
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -319,9 +319,8 @@ def validate(cfg: Config) -> None:
     if flat["model.prototype_assignment"] == "extra_negatives" and flat["model.loss"] == "squared_cosine":
         raise ConfigError("model.loss=squared_cosine: pulls each text to its class's prototype only, "
                           "so extra negatives would never train; use model.loss=cross_entropy")
-    if flat["model.loss"] == "binary_cross_entropy" and flat["model.task"] != "multilabel":
-        raise ConfigError(f"model.loss=binary_cross_entropy: scores each label on its own, for "
-                          f"model.task=multilabel only (got {flat['model.task']}); use auto")
+    if problem := loss_problem(flat["model.task"], flat["model.loss"]):
+        raise ConfigError(problem)
     if not flat["data.label_separator"]:
         raise ConfigError("data.label_separator: must not be empty; give the text between labels "
                           "in a label cell, e.g. '|'")

@@ -78,6 +78,25 @@ SPECS: dict[str, TaskSpec] = {
 }
 
 
+#: The losses each task can train with (`model.loss`; auto picks per task). Regression's is
+#: the paper's squared cosine to the target's cosine; joint's model.loss is its class half's.
+TASK_LOSSES: dict[str, tuple[str, ...]] = {
+    CLASSIFICATION: ("squared_cosine", "cross_entropy"),
+    JOINT: ("squared_cosine", "cross_entropy"),
+    REGRESSION: ("squared_cosine",),
+    MULTILABEL: ("binary_cross_entropy",),
+}
+
+
+def loss_problem(task: str, loss: str) -> str | None:
+    """Why `model.loss` cannot train `model.task` (one line naming model.loss), or None."""
+    allowed = TASK_LOSSES[task]
+    if loss == "auto" or loss in allowed:
+        return None
+    return (f"model.loss={loss}: model.task={task} cannot train with it; use auto or "
+            f"{' or '.join(allowed)}")
+
+
 def task_spec(name: str | None) -> TaskSpec:
     """The spec for a `model.task` value; None (a run logged before tasks existed) is
     classification."""

@@ -40,7 +40,15 @@ from hpn.task_metrics import (
     regression_baselines,
     regression_metrics,
 )
-from hpn.tasks import CLASSIFICATION, JOINT, MULTILABEL, REGRESSION, task_spec
+from hpn.tasks import (
+    CLASSIFICATION,
+    JOINT,
+    MULTILABEL,
+    REGRESSION,
+    TASK_LOSSES,
+    loss_problem,
+    task_spec,
+)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -83,27 +91,15 @@ def prepare_data(cfg: Config, progress: bool = False) -> PreparedData:
     return PreparedData(corpus, split, features)
 
 
-#: The losses each task can train with (`model.loss`; auto picks per task). Regression's is
-#: the paper's squared cosine to the target's cosine; joint's model.loss is its class half's.
-TASK_LOSSES = {
-    CLASSIFICATION: ("squared_cosine", "cross_entropy"),
-    JOINT: ("squared_cosine", "cross_entropy"),
-    REGRESSION: ("squared_cosine",),
-    MULTILABEL: ("binary_cross_entropy",),
-}
-
-
 def resolve_loss(cfg: Config, num_classes: int | None = None) -> str:
     """The loss `model.loss` means for `model.task`: auto resolved, one the task cannot use
     refused with a ConfigError naming model.loss. For joint: the classification half's loss
     (the regression half always uses the squared cosine to the target)."""
     task = task_spec(cfg.model.task).name
-    allowed = TASK_LOSSES[task]
-    if cfg.model.loss != "auto" and cfg.model.loss not in allowed:
-        raise ConfigError(f"model.loss={cfg.model.loss}: model.task={task} cannot train with it; "
-                          f"use auto or {' or '.join(allowed)}")
+    if problem := loss_problem(task, cfg.model.loss):  # a Config built without validate()
+        raise ConfigError(problem)
     if task in (REGRESSION, MULTILABEL):
-        return allowed[0]
+        return TASK_LOSSES[task][0]
     if cfg.model.loss != "auto":
         return cfg.model.loss
     # The paper's squared-cosine loss is defined for one fixed prototype per class.

@@ -343,6 +343,17 @@ def test_a_searched_model_task_is_refused_in_one_line(tmp_path, task):
     assert "--set model.task=" in text
 
 
+def test_a_space_searching_a_loss_its_task_cannot_use_is_refused_at_load(tmp_path):
+    """Not in trial after trial: the space's load checks each choice against its task."""
+    path = tmp_path / "space.yaml"
+    path.write_text("model.task: regression\n"
+                    "model.loss: {type: categorical, choices: [squared_cosine, cross_entropy]}\n")
+    with pytest.raises(ConfigError) as refused:
+        load_space(path)
+    text = str(refused.value)
+    assert "\n" not in text and "model.loss=cross_entropy" in text and "regression" in text
+
+
 def test_model_task_as_a_constant_of_a_space_is_fine(tmp_path):
     path = tmp_path / "space.yaml"
     path.write_text("model.task: regression\ntrain.lr: {type: float, low: 0.01, high: 0.1}\n")
