@@ -348,7 +348,7 @@ def test_a_space_searching_a_loss_its_task_cannot_use_is_refused_at_load(tmp_pat
     path = tmp_path / "space.yaml"
     path.write_text("model.task: regression\n"
                     "model.loss: {type: categorical, choices: [squared_cosine, cross_entropy]}\n")
-    with pytest.raises(ConfigError) as refused:
+    with pytest.raises(HPNInputError) as refused:
         load_space(path)
     text = str(refused.value)
     assert "\n" not in text and "model.loss=cross_entropy" in text and "regression" in text
