@@ -54,9 +54,11 @@ class TaskSpec:
             names += [gate.metric, "test_" + gate.metric.removeprefix("val_")]
         return tuple(dict.fromkeys(names))
 
-    def better(self, a: float, b: float) -> bool:
-        """Is `a` strictly better than `b` on the primary metric?"""
-        return a > b if self.mode == "max" else a < b
+
+def is_better(a: float, b: float, mode: str) -> bool:
+    """Is `a` strictly better than `b` for a metric of this mode ("max": a score, "min": an
+    error)? One place for the comparison the live line, studies and promote all make."""
+    return a > b if mode == "max" else a < b
 
 
 _ACCURACY_GATE = Gate(M.VAL_ACCURACY, M.VAL_MAJORITY_BASELINE_ACCURACY, "max")
@@ -95,6 +97,18 @@ def loss_problem(task: str, loss: str) -> str | None:
         return None
     return (f"model.loss={loss}: model.task={task} cannot train with it; use auto or "
             f"{' or '.join(allowed)}")
+
+
+#: What the synthetic corpus's numeric attribute is (hpn.data.synthetic writes it into texts).
+SYNTHETIC_TARGET = "age"
+
+
+def target_name(source: str | None, target_column: str | None) -> str:
+    """What a regression model predicts, as people read it: the synthetic corpus's age, or
+    the file's `data.target_column`."""
+    if source == "synthetic":
+        return SYNTHETIC_TARGET
+    return target_column or "target"
 
 
 def task_spec(name: str | None) -> TaskSpec:

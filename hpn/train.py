@@ -47,6 +47,7 @@ from hpn.tasks import (
     REGRESSION,
     TASK_LOSSES,
     loss_problem,
+    target_name,
     task_spec,
 )
 
@@ -252,7 +253,7 @@ def target_range(targets: np.ndarray, train_idx: np.ndarray, column: str) -> tup
 
 
 def _target_name(cfg: Config) -> str:
-    return "age" if cfg.data.source == "synthetic" else cfg.data.target_column
+    return target_name(cfg.data.source, cfg.data.target_column)
 
 
 def _train(

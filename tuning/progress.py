@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from hpn import metrics as M
-from hpn.tasks import task_spec
+from hpn.tasks import is_better, task_spec
 
 STATES = ("completed", "pruned", "error")
 REFRESH_S = 1.0  # redraw at most this often between events (the clock and the ETA move)
@@ -234,7 +234,7 @@ def _beats(val: float | None, best: tuple[float, str] | None, mode: str = "max")
     """Is `val` a new best? Higher for a "max" metric, lower for a "min" one (an error)."""
     if val is None:
         return False
-    return best is None or (val > best[0] if mode == "max" else val < best[0])
+    return best is None or is_better(val, best[0], mode)
 
 
 def _number(value: Any) -> float | None:

@@ -30,7 +30,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from hpn import metrics as M
 from hpn.errors import HPNInputError
-from hpn.tasks import JOINT, REGRESSION, Gate, task_spec
+from hpn.tasks import JOINT, REGRESSION, Gate, is_better, target_name, task_spec
 from tuning.model_check import TIMEOUT_S, check_in_fresh_process
 from tuning.pyfunc import (
     LABELS_COLUMN,
@@ -272,11 +272,8 @@ def card_metrics(task: str | None) -> tuple[str, ...]:
 
 
 def _target_name(params: dict[str, str]) -> str:
-    """What a regression model predicts, as its card names it: the file's target column, or
-    the synthetic corpus's age."""
-    if params.get("data.source") == "synthetic":
-        return "age"
-    return params.get("data.target_column") or "target"
+    """What a regression model predicts, as its card names it (from the run's params)."""
+    return target_name(params.get("data.source"), params.get("data.target_column"))
 
 
 def _metric_rows(task: str, m: dict[str, float]) -> list[str]:
@@ -725,7 +722,7 @@ def promote(client: MlflowClient, model_name: str = DEFAULT_MODEL_NAME, study: s
                 f"{champion.version} (dataset fingerprint {mine[:12]} vs {theirs[:12]}), so their "
                 f"{metric} are not comparable; nothing changed (use --force to override)")
         lower = mode == "min"  # an error (val_mae, val_loss): smaller is better
-        better = held is not None and (score < held if lower else score > held)
+        better = held is not None and is_better(score, held, mode)
         if not force and not (math.isfinite(score) and better):
             raise PromotionRefused(
                 f"{what} has {metric} {score:.4f}"

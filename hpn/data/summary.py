@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from hpn.data.corpus import Corpus
 from hpn.errors import DataError
+from hpn.tasks import target_name
 
 if TYPE_CHECKING:
     from hpn.config import DataConfig
@@ -48,7 +49,7 @@ def corpus_summary(corpus: Corpus, cfg: DataConfig) -> dict[str, Any]:
     if corpus.targets is not None:
         y = corpus.targets
         summary["target"] = {
-            "column": "age" if cfg.source == "synthetic" else cfg.target_column,
+            "column": target_name(cfg.source, cfg.target_column),
             "min": float(y.min()), "mean": float(y.mean()), "max": float(y.max()),
         }
     if corpus.label_sets is not None:  # labels per text: what a multi-label model must match
