@@ -33,6 +33,7 @@ from hpn.memory import PeakMemory
 from hpn.model import HPNClassifier, PrototypeHead, RegressionHead, head_classes, initial_prototypes
 from hpn.prototypes import regression_prototypes, separation, separation_loss
 from hpn.task_metrics import (
+    DecisionRule,
     fit_decision,
     joint_score,
     multilabel_baselines,
@@ -256,6 +257,89 @@ def _target_name(cfg: Config) -> str:
     return target_name(cfg.data.source, cfg.data.target_column)
 
 
+def _optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.train.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum,
+                           weight_decay=cfg.train.weight_decay)
+
+
+class _Scorer:
+    """A task's metrics from a split's model outputs: each epoch's on validation (the
+    multi-label decision rule is chosen there, every epoch; the last one is the model's),
+    and the final ones on validation and test with the trivial baselines. Every choice and
+    range comes from the training or validation split, never test."""
+
+    def __init__(self, task: str, corpus: Corpus, split: Split,
+                 low_high: tuple[float, float] | None, decision_mode: str) -> None:
+        self.task, self.corpus, self.split = task, corpus, split
+        self.low_high, self.decision_mode = low_high, decision_mode
+        self.decision: DecisionRule | None = None
+        self.label_sets = (np.asarray(corpus.label_sets, dtype=bool) if task == MULTILABEL
+                           else None)
+        self.targets = (np.asarray(corpus.targets, dtype=np.float64) if low_high is not None
+                        else None)
+        self.baselines = (regression_baselines(*(self.targets[i] for i in self._splits()))
+                          if self.targets is not None else {})  # joint's score divides by one
+
+    def _splits(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.split.train, self.split.val, self.split.test
+
+    def _accuracy(self, scores: np.ndarray, idx: np.ndarray) -> float:
+        return float(np.mean(scores.argmax(1) == self.corpus.labels[idx]))
+
+    def _values(self, cos: np.ndarray) -> np.ndarray:
+        return cosine_to_value(cos.astype(np.float64), *self.low_high)
+
+    def epoch(self, scores: np.ndarray | None, cos: np.ndarray | None) -> dict[str, float]:
+        """The validation metrics of one epoch (the task's primary among them)."""
+        row: dict[str, float] = {}
+        val = self.split.val
+        if self.task in (CLASSIFICATION, JOINT):
+            row[M.VAL_ACCURACY] = self._accuracy(scores, val)
+        if self.targets is not None:
+            row[M.VAL_MAE] = regression_metrics(self.targets[val], self._values(cos),
+                                                "val")[M.VAL_MAE]
+        if self.task == JOINT:
+            row[M.VAL_JOINT_SCORE] = joint_score(row[M.VAL_ACCURACY], row[M.VAL_MAE],
+                                                 self.baselines[M.VAL_MEAN_BASELINE_MAE])
+        if self.task == MULTILABEL:
+            self.decision = fit_decision(scores, self.label_sets[val], self.decision_mode)
+            ml = multilabel_metrics(self.label_sets[val], self.decision.apply(scores), "val")
+            row[M.VAL_MICRO_F1], row[M.VAL_MACRO_F1] = ml[M.VAL_MICRO_F1], ml[M.VAL_MACRO_F1]
+        return row
+
+    def final(self, val_cos: np.ndarray | None, test_scores: np.ndarray | None,
+              test_cos: np.ndarray | None) -> dict[str, float]:
+        """The final metrics beyond the last epoch's row: test, full validation, baselines."""
+        out: dict[str, float] = {}
+        train, val, test = self._splits()
+        corpus = self.corpus
+        if self.task in (CLASSIFICATION, JOINT):
+            majority = int(np.bincount(corpus.labels[train], minlength=corpus.num_classes).argmax())
+            out.update({
+                M.TEST_ACCURACY: self._accuracy(test_scores, test),
+                M.TEST_MACRO_F1: _macro_f1(corpus.labels[test], test_scores.argmax(1),
+                                           corpus.num_classes),
+                M.MAJORITY_BASELINE_ACCURACY: float(np.mean(corpus.labels[test] == majority)),
+                M.VAL_MAJORITY_BASELINE_ACCURACY: float(np.mean(corpus.labels[val] == majority)),
+            })
+        if self.targets is not None:
+            out.update(regression_metrics(self.targets[val], self._values(val_cos), "val"))
+            out.update(regression_metrics(self.targets[test], self._values(test_cos), "test"))
+            out.update(self.baselines)
+            out.update({M.TARGET_LOW: self.low_high[0], M.TARGET_HIGH: self.low_high[1]})
+        if self.task == JOINT:
+            out[M.TEST_JOINT_SCORE] = joint_score(out[M.TEST_ACCURACY], out[M.TEST_MAE],
+                                                  out[M.MEAN_BASELINE_MAE])
+        if self.task == MULTILABEL:
+            sets = self.label_sets
+            out.update(multilabel_metrics(sets[test], self.decision.apply(test_scores), "test"))
+            out.update(multilabel_baselines(sets[train], sets[val], sets[test]))
+            out.update(self.decision.metrics())
+        return out
+
+
 def _train(
     cfg: Config, data: PreparedData, on_epoch: EpochCallback | None, device: torch.device,
     memory: PeakMemory,
@@ -297,13 +381,7 @@ def _train(
                           target_name=_target_name(cfg) if has_values else None).to(device)
     batches = _Batches(data, encoder, device, task, low_high)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.train.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    else:
-        opt = torch.optim.SGD(
-            params, lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
-        )
+    opt = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     # AMP: fp16 + GradScaler on CUDA. On CPU a frozen-encoder head is a few small matmuls,
     # where bf16 autocast is slower than fp32, so bf16 is used only when the encoder trains.
     use_amp = cfg.train.amp and (device.type == "cuda" or encoder is not None)
@@ -353,23 +431,12 @@ def _train(
         cos = np.concatenate(cos_out) if reg_head is not None else None
         return total / len(idx), scores, cos
 
-    def accuracy(scores: np.ndarray, idx: np.ndarray) -> float:
-        return float(np.mean(scores.argmax(1) == corpus.labels[idx]))
-
-    def values(cos: np.ndarray) -> np.ndarray:
-        return cosine_to_value(cos.astype(np.float64), *low_high)
-
-    label_sets = np.asarray(corpus.label_sets, dtype=bool) if task == MULTILABEL else None
-    targets = np.asarray(corpus.targets, dtype=np.float64) if has_values else None
-    val_base_mae = (regression_baselines(targets[split.train], targets[split.val],
-                                         targets[split.test])[M.VAL_MEAN_BASELINE_MAE]
-                    if has_values else None)  # joint's per-epoch score divides by it
+    scorer = _Scorer(task, corpus, split, low_high, cfg.model.decision)
 
     # -- epochs -----------------------------------------------------------------------------
     rng = np.random.default_rng(cfg.train.seed)
     history: list[dict[str, float]] = []
     seen, train_time = 0, 0.0
-    decision = None
     for epoch in range(1, cfg.train.epochs + 1):
         model.train()
         if encoder is not None:
@@ -408,19 +475,8 @@ def _train(
         val_loss, val_scores, val_cos = evaluate(split.val)
         sep = separation(sep_protos.detach().float().cpu().numpy(),
                          None if sep_groups is None else sep_groups.cpu().numpy())
-        row = {M.EPOCH: float(epoch), M.TRAIN_LOSS: epoch_loss, M.VAL_LOSS: val_loss}
-        if task in (CLASSIFICATION, JOINT):
-            row[M.VAL_ACCURACY] = accuracy(val_scores, split.val)
-        if has_values:
-            row[M.VAL_MAE] = regression_metrics(targets[split.val], values(val_cos), "val")[M.VAL_MAE]
-        if task == JOINT:
-            row[M.VAL_JOINT_SCORE] = joint_score(row[M.VAL_ACCURACY], row[M.VAL_MAE], val_base_mae)
-        if task == MULTILABEL:
-            # The rule is chosen on validation every epoch (what val_micro_f1 means); the last
-            # epoch's is the model's.
-            decision = fit_decision(val_scores, label_sets[split.val], cfg.model.decision)
-            val_ml = multilabel_metrics(label_sets[split.val], decision.apply(val_scores), "val")
-            row[M.VAL_MICRO_F1], row[M.VAL_MACRO_F1] = val_ml[M.VAL_MICRO_F1], val_ml[M.VAL_MACRO_F1]
+        row = {M.EPOCH: float(epoch), M.TRAIN_LOSS: epoch_loss, M.VAL_LOSS: val_loss,
+               **scorer.epoch(val_scores, val_cos)}
         row[M.SEPARATION_MIN_ANGLE_DEG] = sep["min_angle_deg"]
         row[M.SEPARATION_MAX_COSINE] = sep["max_cosine"]
         history.append(row)
@@ -429,32 +485,10 @@ def _train(
 
     # -- final evaluation -------------------------------------------------------------------
     _, test_scores, test_cos = evaluate(split.test)
-    final = dict(history[-1])
-    if task in (CLASSIFICATION, JOINT):
-        test_pred = test_scores.argmax(1)
-        majority = int(np.bincount(train_labels, minlength=corpus.num_classes).argmax())
-        final.update({
-            M.TEST_ACCURACY: accuracy(test_scores, split.test),
-            M.TEST_MACRO_F1: _macro_f1(corpus.labels[split.test], test_pred, corpus.num_classes),
-            M.MAJORITY_BASELINE_ACCURACY: float(np.mean(corpus.labels[split.test] == majority)),
-            M.VAL_MAJORITY_BASELINE_ACCURACY: float(np.mean(corpus.labels[split.val] == majority)),
-        })
-    if has_values:  # val_cos: the last epoch's, i.e. the final model's
-        final.update(regression_metrics(targets[split.val], values(val_cos), "val"))
-        final.update(regression_metrics(targets[split.test], values(test_cos), "test"))
-        final.update(regression_baselines(targets[split.train], targets[split.val],
-                                          targets[split.test]))
-        final.update({M.TARGET_LOW: low_high[0], M.TARGET_HIGH: low_high[1]})
-    if task == JOINT:
-        final[M.TEST_JOINT_SCORE] = joint_score(final[M.TEST_ACCURACY], final[M.TEST_MAE],
-                                                final[M.MEAN_BASELINE_MAE])
+    # val_cos: the last epoch's, i.e. the final model's
+    final = {**history[-1], **scorer.final(val_cos, test_scores, test_cos)}
     if task == MULTILABEL:
-        model.decision = decision
-        test_ml = multilabel_metrics(label_sets[split.test], decision.apply(test_scores), "test")
-        final.update({k: v for k, v in test_ml.items()})
-        final.update(multilabel_baselines(label_sets[split.train], label_sets[split.val],
-                                          label_sets[split.test]))
-        final.update(decision.metrics())
+        model.decision = scorer.decision
     count = (len(head.groups) if head is not None else 0) + (2 if reg_head is not None else 0)
     final.update({
         M.NUM_PROTOTYPES: float(count),
