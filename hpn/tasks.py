@@ -99,6 +99,19 @@ def loss_problem(task: str, loss: str) -> str | None:
             f"{' or '.join(allowed)}")
 
 
+#: The class head's keys: a regression model has no class head (its two prototypes are fixed).
+_CLASS_HEAD_KEYS = ("model.prototypes_per_class", "model.prototype_count",
+                    "model.prototype_assignment", "model.prototype_mode", "model.temperature",
+                    "train.separation_weight", "train.class_weights")
+#: Keys that change nothing for a task: a study searching one spends its trials on noise.
+UNUSED_KEYS: dict[str, tuple[str, ...]] = {
+    CLASSIFICATION: ("train.regression_weight", "model.decision"),
+    REGRESSION: (*_CLASS_HEAD_KEYS, "train.regression_weight", "model.decision"),
+    MULTILABEL: ("train.regression_weight",),
+    JOINT: ("model.decision",),
+}
+
+
 #: What the synthetic corpus's numeric attribute is (hpn.data.synthetic writes it into texts).
 SYNTHETIC_TARGET = "age"
 

@@ -23,7 +23,7 @@ import yaml
 from hpn import metrics as M
 from hpn.config import load_config, parse_override
 from hpn.errors import HPNInputError
-from hpn.tasks import TaskSpec, task_spec
+from hpn.tasks import CLASSIFICATION, UNUSED_KEYS, TaskSpec, task_spec
 from hpn.train import prepare_data
 from tuning import optuna_store, tracking
 from tuning.spaces import load_space, resolve_space_path
@@ -133,8 +133,6 @@ def _lost_server_message(tracking_uri: str, storage: str, name: str, opts: Study
             "closes the runs left open and finishes the study")
 
 
-
-
 def _study_config(opts: StudyOptions, space: Any) -> Any:
     """Defaults < the space's fixed keys < --config < --set (the user's explicit word wins)."""
     base = load_config(opts.config, opts.overrides, base=space.base_values())
@@ -144,6 +142,12 @@ def _study_config(opts: StudyOptions, space: Any) -> Any:
         if key in searched:
             raise HPNInputError(f"--set {key}: the search space {space.path} searches this key; "
                                 "fix it in the space file instead")
+    task = base.model.task
+    if idle := [k for k in space.keys() if k in UNUSED_KEYS[task]]:
+        raise HPNInputError(
+            f"search space {space.path}: {idle[0]} changes nothing for model.task={task}, so "
+            f"its trials would differ only by noise; remove it from the space (or use "
+            f"search_spaces/{'default' if task == CLASSIFICATION else task}.yaml)")
     name = base.encoder.name
     if Path(name).exists():  # a local encoder: trials run in another working directory
         base.encoder.name = str(Path(name).resolve())

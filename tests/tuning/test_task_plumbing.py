@@ -354,6 +354,19 @@ def test_a_space_searching_a_loss_its_task_cannot_use_is_refused_at_load(tmp_pat
     assert "\n" not in text and "model.loss=cross_entropy" in text and "regression" in text
 
 
+def test_a_study_searching_a_key_its_task_ignores_is_refused_before_anything_runs(tmp_path, capsys):
+    """The default space searches the class head's prototype_mode: with model.task=regression
+    its trials would differ only by noise."""
+    store = tmp_path / "mlflow.db"
+    code = main(["run", "--space", "default", "--set", "model.task=regression", "--trials", "2",
+                 "--tracking-uri", f"sqlite:///{store}", "--storage-path", str(tmp_path / "ray")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert "model.prototype_mode changes nothing for model.task=regression" in err
+    assert "search_spaces/regression.yaml" in err
+    assert not (tmp_path / "ray").exists()  # refused before Ray or a run started
+
+
 def test_model_task_as_a_constant_of_a_space_is_fine(tmp_path):
     path = tmp_path / "space.yaml"
     path.write_text("model.task: regression\ntrain.lr: {type: float, low: 0.01, high: 0.1}\n")
