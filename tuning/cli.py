@@ -139,7 +139,7 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     if summary.get("registered_version"):
         what = "registered as" if summary.get("registered_new") else "the best trial is already"
         where = _store_flags(opts, model_name=True)
-        print(f"{what} {opts.model_name} version {summary['registered_version']}; "
+        print(f"{what} {summary['model_name']} version {summary['registered_version']}; "
               f"promote it with: hpn-tune promote --study {summary['study']}{where}")
     elif summary.get("registration_refused"):
         print(summary["registration_refused"])  # "run <id> not registered: <why>"
@@ -159,7 +159,7 @@ def _store_flags(opts: Any, model_name: bool = False) -> str:
         from tuning.tracking import resolve_tracking_uri
 
         flags += f" --tracking-uri {shlex.quote(resolve_tracking_uri(opts.tracking_uri))}"
-    if model_name and opts.model_name != "hpn-persona":
+    if model_name and opts.model_name:  # given: promote would find it anyway, say it plainly
         flags += f" --model-name {shlex.quote(opts.model_name)}"
     return flags
 
@@ -181,9 +181,11 @@ def _client(tracking_uri: str | None) -> Any:
 
 
 def cmd_promote(args: argparse.Namespace) -> dict[str, Any]:
-    from tuning.registry import promote
+    from tuning.registry import promote, promote_model_name
 
-    result = promote(_client(args.tracking_uri), args.model_name, study=args.study,
+    client = _client(args.tracking_uri)
+    args.model_name = args.model_name or promote_model_name(client, args.study, args.run_id)
+    result = promote(client, args.model_name, study=args.study,
                      run_id=args.run_id, metric=args.metric, force=args.force,
                      margin=args.baseline_margin)
     if result["promoted"]:
@@ -464,7 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int,
                    help="runs of each proposed config with train.seed, +1, ...; the sampler "
                    "sees their mean and each repeat is its own MLflow run (default 1)")
-    p.add_argument("--model-name", default="hpn-persona", help="registered model for the best trial")
+    p.add_argument("--model-name", default=None,
+                   help="registered model for the best trial (default: hpn-persona for "
+                   "classification, hpn-persona-<task> for regression, multilabel and joint)")
     p.add_argument("--no-register", action="store_true", help="do not register the best model")
     p.add_argument("--baseline-margin", type=float, default=M.DEFAULT_BASELINE_MARGIN, metavar="M",
                    help=BASELINE_MARGIN_HELP.format(what="register the best trial's model"))
@@ -475,11 +479,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", help="promote the newest version from this study")
     p.add_argument("--run-id", help="promote this trial run's model (registered first if need "
                    "be); not a study's own run, which holds no model")
-    p.add_argument("--model-name", default="hpn-persona")
+    p.add_argument("--model-name", default=None,
+                   help="registered model (default: the one the study's or run's versions are "
+                   "under; hpn-persona when neither is given)")
     p.add_argument("--metric", default=None,
                    help="a trial's validation metric the gate compares, in its direction (an "
                    "error such as val_mae: lower wins) (default: the candidate's task's primary "
-                   "metric: val_accuracy, val_mae for regression, val_micro_f1 for multilabel); "
+                   "metric: val_accuracy, val_mae for regression, val_micro_f1 for multilabel, "
+                   "val_joint_score for joint); "
                    "the task's test metric is printed beside it, never used to choose")
     p.add_argument("--force", action="store_true", help="promote even if it is not better than "
                    "the champion (it must still pass the registration check)")
@@ -491,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default="hpn-persona")
     p.add_argument("--tracking-uri", help="MLflow store holding the registry (an existing one)")
 
-    p = add("predict", cmd_predict, "classify persona texts with a logged or registered model")
+    p = add("predict", cmd_predict, "predict for persona texts with a logged or registered model "
+            "(a label, a label set or a value, by the model's task)")
     p.add_argument("--model", required=True, help="e.g. models:/hpn-persona@champion or runs:/ID/model")
     p.add_argument("texts", nargs="*", help="texts to classify")
     p.add_argument("--input", help="UTF-8 JSON array (of texts, or objects with `text`), JSONL, "

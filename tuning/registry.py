@@ -30,7 +30,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from hpn import metrics as M
 from hpn.errors import HPNInputError
-from hpn.tasks import JOINT, REGRESSION, Gate, is_better, target_name, task_spec
+from hpn.tasks import CLASSIFICATION, JOINT, REGRESSION, Gate, is_better, target_name, task_spec
 from tuning.model_check import TIMEOUT_S, check_in_fresh_process
 from tuning.pyfunc import (
     LABELS_COLUMN,
@@ -488,6 +488,52 @@ def _registered(client: MlflowClient, model_name: str, run_id: str) -> Any | Non
     return max(versions, key=lambda v: int(v.version), default=None)
 
 
+def default_model_name(task: str | None) -> str:
+    """Each task's models under their own registered name (hpn-persona for classification,
+    hpn-persona-regression, ...): a registered model's versions should answer in one shape."""
+    name = task_spec(task).name
+    return DEFAULT_MODEL_NAME if name == CLASSIFICATION else f"{DEFAULT_MODEL_NAME}-{name}"
+
+
+def promote_model_name(client: MlflowClient, study: str | None, run_id: str | None) -> str:
+    """The registered model `promote` works on when --model-name is not given: the one the
+    study's (or run's) versions are under; a run never registered: its task's default name."""
+    if study is None and run_id is None:
+        return DEFAULT_MODEL_NAME
+    where = f"tags.study = '{study}'" if study else f"run_id = '{run_id}'"
+    try:
+        names = sorted({v.name for v in client.search_model_versions(where)})
+    except MlflowException:
+        names = []
+    if len(names) > 1:
+        what = f"study {study!r}" if study else f"run {run_id}"
+        raise HPNInputError(f"--model-name: {what} has versions under {', '.join(names)}; "
+                            "name the registered model to promote in")
+    if names:
+        return names[0]
+    if run_id is not None:
+        try:
+            return default_model_name(run_task(client.get_run(run_id)))
+        except MlflowException:
+            pass  # promote says the run does not exist
+    return DEFAULT_MODEL_NAME
+
+
+def _task_mix_problem(client: MlflowClient, model_name: str, task: str) -> str | None:
+    """Why a `task` model cannot join `model_name` (its versions are of another task), or None:
+    `models:/<name>@champion` would change the columns it answers in under its users."""
+    try:
+        versions = client.search_model_versions(f"name = '{model_name}'")
+    except MlflowException:
+        return None
+    others = sorted({version_task(client, v) for v in versions} - {task})
+    if not others:
+        return None
+    return (f"the registered model {model_name!r} holds {' and '.join(others)} models and this "
+            f"is a {task} one; register it under its own name with --model-name "
+            f"(e.g. {default_model_name(task)})")
+
+
 def register_run(client: MlflowClient, run_id: str, model_name: str = DEFAULT_MODEL_NAME,
                  margin: float = M.DEFAULT_BASELINE_MARGIN) -> str:
     """Register the run's model (its LoggedModel) as a new version with small tags and a model
@@ -498,7 +544,12 @@ def register_run(client: MlflowClient, run_id: str, model_name: str = DEFAULT_MO
     if version is not None:
         return str(version.version)
     check_margin(margin)
-    problem = registration_problem(client, run_id, margin)
+    try:  # first, as it costs no model load: one registered model, one task
+        task = task_spec(run_task(client.get_run(run_id))).name
+        problem = _task_mix_problem(client, model_name, task)
+    except MlflowException:
+        problem = None  # registration_problem names the missing run
+    problem = problem or registration_problem(client, run_id, margin)
     if problem:
         raise RegistrationRefused(f"run {run_id} not registered: {problem}")
     run = client.get_run(run_id)

@@ -55,7 +55,7 @@ class StudyOptions:
     repeats: int | None = None  # runs of each config (train.seed, +1, ...; the sampler sees the
     # mean); None: 1 for a new study, the recorded number on resume
     register: bool = True
-    model_name: str = "hpn-persona"
+    model_name: str | None = None  # None: the task's default (tuning.registry.default_model_name)
     # each of the task's validation metrics must beat its trivial baseline by this to register
     # (a score: by more than this many points; an error: below baseline x (1 - this))
     baseline_margin: float = M.DEFAULT_BASELINE_MARGIN
@@ -718,16 +718,22 @@ def _finish(client: Any, experiment_id: str, parent: str, name: str, plan: Study
         client.log_metric(parent, key, summary[key])
     client.set_terminated(parent, "FINISHED")
     if opts.register and best is not None:
-        from tuning.registry import NOT_REGISTERED_TAG, RegistrationRefused, register_run
+        from tuning.registry import (
+            NOT_REGISTERED_TAG,
+            RegistrationRefused,
+            default_model_name,
+            register_run,
+        )
 
         run_id = best.run["run_id"]
+        model_name = summary["model_name"] = opts.model_name or default_model_name(spec.name)
         # An extension whose best trial did not change keeps the version it had.
         summary["registered_new"] = not (
-            client.search_registered_models(f"name = '{opts.model_name}'")
-            and client.search_model_versions(f"name = '{opts.model_name}' AND run_id = '{run_id}'"))
+            client.search_registered_models(f"name = '{model_name}'")
+            and client.search_model_versions(f"name = '{model_name}' AND run_id = '{run_id}'"))
         summary["registration_refused"] = None
         try:
-            summary["registered_version"] = register_run(client, run_id, opts.model_name,
+            summary["registered_version"] = register_run(client, run_id, model_name,
                                                          opts.baseline_margin)
         except RegistrationRefused as exc:  # the study still finished: say why, register nothing
             summary.update(registered_new=False, registered_version=None,

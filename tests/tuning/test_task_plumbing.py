@@ -198,6 +198,54 @@ def registry_store(sqlite_store: SimpleNamespace, request: pytest.FixtureRequest
     return SimpleNamespace(uri=uri, client=client, name=name, version=version)
 
 
+def test_each_task_registers_under_its_own_default_name():
+    from tuning.registry import default_model_name
+
+    assert [default_model_name(t) for t in (None, "classification", "regression", "multilabel",
+                                            "joint")] == [
+        "hpn-persona", "hpn-persona", "hpn-persona-regression", "hpn-persona-multilabel",
+        "hpn-persona-joint"]
+
+
+def test_a_model_of_another_task_is_not_registered_under_a_name_holding_one_task(registry_store):
+    """models:/<name>@champion must keep answering in one shape: a regression run is refused
+    under a registered model of classification versions, registering nothing."""
+    from tuning.registry import RegistrationRefused, register_run
+
+    s = registry_store
+    s.version("cls", None, {M.VAL_ACCURACY: 0.9})  # untagged: registered before tasks
+    s.version("reg", "regression", _regression(2.0, 2.1))  # made by hand, as an old registry
+    runs = {v.tags["study"]: v.run_id for v in s.client.search_model_versions(f"name = '{s.name}'")}
+    run, reg_run = runs["cls"], runs["reg"]
+    other = f"{s.name}-cls-only"
+    s.client.create_registered_model(other)
+    s.client.create_model_version(other, "file:///nowhere", run_id=run, tags={"study": "cls"})
+
+    with pytest.raises(RegistrationRefused) as refused:
+        register_run(s.client, reg_run, other)
+
+    text = str(refused.value)
+    assert "\n" not in text and f"{other!r} holds classification models" in text
+    assert "a regression one" in text and "--model-name" in text
+    assert len(s.client.search_model_versions(f"name = '{other}'")) == 1  # nothing registered
+
+
+def test_promote_finds_the_registered_model_of_the_study_or_run(registry_store):
+    from tuning.registry import promote_model_name
+
+    s = registry_store
+    s.version("found-study", "regression", _regression(2.0, 2.1))
+    run = [v for v in s.client.search_model_versions(f"name = '{s.name}'")
+           if v.tags.get("study") == "found-study"][0].run_id
+    assert promote_model_name(s.client, "found-study", None) == s.name
+    assert promote_model_name(s.client, None, run) == s.name
+    assert promote_model_name(s.client, None, None) == "hpn-persona"
+    # a run never registered: its task's default name (promote registers it there)
+    loose = s.client.create_run(s.client.get_run(run).info.experiment_id,
+                                tags={tracking.TASK_TAG: "multilabel"}).info.run_id
+    assert promote_model_name(s.client, None, loose) == "hpn-persona-multilabel"
+
+
 def _regression(mae: float, test: float) -> dict[str, float]:
     return {M.VAL_MAE: mae, M.TEST_MAE: test, M.VAL_MEAN_BASELINE_MAE: 6.0}
 
