@@ -235,8 +235,8 @@ def test_promote_finds_the_registered_model_of_the_study_or_run(registry_store):
 
     s = registry_store
     s.version("found-study", "regression", _regression(2.0, 2.1))
-    run = [v for v in s.client.search_model_versions(f"name = '{s.name}'")
-           if v.tags.get("study") == "found-study"][0].run_id
+    run = next(v.run_id for v in s.client.search_model_versions(f"name = '{s.name}'")
+               if v.tags.get("study") == "found-study")
     assert promote_model_name(s.client, "found-study", None) == s.name
     assert promote_model_name(s.client, None, run) == s.name
     assert promote_model_name(s.client, None, None) == "hpn-persona"
