@@ -118,8 +118,11 @@ def fit_decision(scores: np.ndarray, truth: np.ndarray, mode: str = "auto") -> D
 
 def joint_score(accuracy: float, mae: float, baseline_mae: float) -> float:
     """(accuracy + MAE skill) / 2, the skill being 1 - mae / baseline_mae: 1 is perfect on
-    both halves, 0.5 a perfect classifier that regresses no better than the mean."""
-    return (accuracy + 1.0 - mae / baseline_mae) / 2.0
+    both halves, 0.5 a perfect classifier that regresses no better than the mean. A baseline
+    MAE of 0 (every target of the split equals the training mean) leaves nothing to beat:
+    skill 0."""
+    skill = 1.0 - mae / baseline_mae if baseline_mae > 0 else 0.0
+    return (accuracy + skill) / 2.0
 
 
 def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray, prefix: str) -> dict[str, float]:

@@ -324,6 +324,14 @@ def test_multilabel_beats_both_baselines_and_keeps_the_rule_chosen_on_validation
     assert result.model.decision.metrics().items() <= m.items()
 
 
+def test_the_joint_score_is_accuracy_and_mae_skill_averaged():
+    from hpn.task_metrics import joint_score
+
+    assert joint_score(0.8, 3.0, 12.0) == pytest.approx((0.8 + 0.75) / 2)
+    assert joint_score(1.0, 12.0, 12.0) == pytest.approx(0.5)  # no better than the mean
+    assert joint_score(0.6, 0.0, 0.0) == pytest.approx(0.3)  # nothing to beat: skill 0
+
+
 def test_joint_logs_both_metric_sets(task_runs, cache_dir):
     _, data, result, rows = _run(task_runs, cache_dir, "joint")
     m = result.metrics

@@ -495,7 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow store holding the registry (an existing one)")
 
     p = add("rollback", cmd_rollback, "move champion back to the previous version")
-    p.add_argument("--model-name", default="hpn-persona")
+    p.add_argument("--model-name", default="hpn-persona",
+                   help="registered model (default hpn-persona; the other tasks' models are "
+                   "hpn-persona-regression, -multilabel, -joint)")
     p.add_argument("--tracking-uri", help="MLflow store holding the registry (an existing one)")
 
     p = add("predict", cmd_predict, "predict for persona texts with a logged or registered model "

@@ -30,7 +30,16 @@ from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from hpn import metrics as M
 from hpn.errors import HPNInputError
-from hpn.tasks import CLASSIFICATION, JOINT, REGRESSION, Gate, is_better, target_name, task_spec
+from hpn.tasks import (
+    CLASSIFICATION,
+    JOINT,
+    MULTILABEL,
+    REGRESSION,
+    Gate,
+    is_better,
+    target_name,
+    task_spec,
+)
 from tuning.model_check import TIMEOUT_S, check_in_fresh_process
 from tuning.pyfunc import (
     LABELS_COLUMN,
@@ -488,6 +497,11 @@ def _registered(client: MlflowClient, model_name: str, run_id: str) -> Any | Non
     return max(versions, key=lambda v: int(v.version), default=None)
 
 
+#: What a registered model of each task does, for its description.
+MODEL_DOES = {CLASSIFICATION: "classification", REGRESSION: "regression",
+              MULTILABEL: "multi-label tagging", JOINT: "classification and regression"}
+
+
 def default_model_name(task: str | None) -> str:
     """Each task's models under their own registered name (hpn-persona for classification,
     hpn-persona-regression, ...): a registered model's versions should answer in one shape."""
@@ -500,11 +514,16 @@ def promote_model_name(client: MlflowClient, study: str | None, run_id: str | No
     study's (or run's) versions are under; a run never registered: its task's default name."""
     if study is None and run_id is None:
         return DEFAULT_MODEL_NAME
-    where = f"tags.study = '{study}'" if study else f"run_id = '{run_id}'"
+    # the run, when both are given: promote acts on it
+    where = f"run_id = '{run_id}'" if run_id else f"tags.study = '{study}'"
     try:
-        names = sorted({v.name for v in client.search_model_versions(where)})
+        versions = client.search_model_versions(where)
     except MlflowException:
-        names = []
+        versions = []
+    names = sorted({v.name for v in versions})
+    if len(names) > 1:  # the task's own default name wins, as a study registers there
+        defaults = {default_model_name(version_task(client, v)) for v in versions}
+        names = sorted(defaults & set(names)) or names
     if len(names) > 1:
         what = f"study {study!r}" if study else f"run {run_id}"
         raise HPNInputError(f"--model-name: {what} has versions under {', '.join(names)}; "
@@ -529,9 +548,12 @@ def _task_mix_problem(client: MlflowClient, model_name: str, task: str) -> str |
     others = sorted({version_task(client, v) for v in versions} - {task})
     if not others:
         return None
+    other_name = default_model_name(task)
+    if other_name == model_name:
+        other_name = f"{model_name}-{task}"
     return (f"the registered model {model_name!r} holds {' and '.join(others)} models and this "
             f"is a {task} one; register it under its own name with --model-name "
-            f"(e.g. {default_model_name(task)})")
+            f"(e.g. {other_name})")
 
 
 def register_run(client: MlflowClient, run_id: str, model_name: str = DEFAULT_MODEL_NAME,
@@ -553,18 +575,19 @@ def register_run(client: MlflowClient, run_id: str, model_name: str = DEFAULT_MO
     if problem:
         raise RegistrationRefused(f"run {run_id} not registered: {problem}")
     run = client.get_run(run_id)
+    task = task_spec(run_task(run)).name
     try:
         client.get_registered_model(model_name)
     except MlflowException:
         try:
             client.create_registered_model(
-                model_name, description="Hyperspherical Prototype Networks classifying persona text.")
+                model_name, description=f"Hyperspherical Prototype Networks: persona text "
+            f"{MODEL_DOES[task]}.")
         except MlflowException:
             pass  # created concurrently by another study
     dataset = _run_dataset(client, run)
     tags = {"study": run.data.tags.get(STUDY_TAG, ""), "trial": run.data.tags.get(TRIAL_ID_TAG, ""),
             "dataset_fingerprint": dataset.get("fingerprint") or ""}
-    task = task_spec(run_task(run)).name
     tags[TASK_VERSION_TAG] = task
     shown = card_metrics(task)
     tags.update({f"metric.{k}": f"{v:.6f}" for k, v in run.data.metrics.items() if k in shown})

@@ -56,7 +56,7 @@ def trial_metrics(spec: TaskSpec) -> tuple[str, ...]:
 def _best_fields(spec: TaskSpec, best: Any) -> dict[str, Any]:
     """A study's best, by name for every task (best_metric/best_value, best_test_metric/
     best_test_value), and as best_val_accuracy / best_test_accuracy where the primary is
-    accuracy (classification, joint; None for the others)."""
+    accuracy (classification; None for the others)."""
     value = _num(best.objective_mean) if best is not None else None
     test = _num(best.test_mean) if best is not None else None
     accuracy = spec.primary == M.VAL_ACCURACY

@@ -23,7 +23,7 @@ import yaml
 from hpn import metrics as M
 from hpn.config import load_config, parse_override
 from hpn.errors import HPNInputError
-from hpn.tasks import CLASSIFICATION, UNUSED_KEYS, TaskSpec, task_spec
+from hpn.tasks import CLASSIFICATION, UNUSED_KEYS, TaskSpec, loss_problem, task_spec
 from hpn.train import prepare_data
 from tuning import optuna_store, tracking
 from tuning.spaces import load_space, resolve_space_path
@@ -148,6 +148,11 @@ def _study_config(opts: StudyOptions, space: Any) -> Any:
             f"search space {space.path}: {idle[0]} changes nothing for model.task={task}, so "
             f"its trials would differ only by noise; remove it from the space (or use "
             f"search_spaces/{'default' if task == CLASSIFICATION else task}.yaml)")
+    # With the task from --set, the space's own load checked its losses against the default
+    # task: check them against this one.
+    losses = [c for p in space.params if p.key == "model.loss" for c in p.choices or ()]
+    if problem := next(filter(None, (loss_problem(task, loss) for loss in losses)), None):
+        raise HPNInputError(f"search space {space.path}: {problem}; remove it from the choices")
     name = base.encoder.name
     if Path(name).exists():  # a local encoder: trials run in another working directory
         base.encoder.name = str(Path(name).resolve())

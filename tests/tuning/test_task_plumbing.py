@@ -240,6 +240,11 @@ def test_promote_finds_the_registered_model_of_the_study_or_run(registry_store):
     assert promote_model_name(s.client, "found-study", None) == s.name
     assert promote_model_name(s.client, None, run) == s.name
     assert promote_model_name(s.client, None, None) == "hpn-persona"
+    # registered under a second name too: the task's own default name is the one promoted
+    s.client.create_registered_model("hpn-persona-regression")
+    s.client.create_model_version("hpn-persona-regression", "file:///nowhere", run_id=run,
+                                  tags={"study": "found-study", "task": "regression"})
+    assert promote_model_name(s.client, "found-study", None) == "hpn-persona-regression"
     # a run never registered: its task's default name (promote registers it there)
     loose = s.client.create_run(s.client.get_run(run).info.experiment_id,
                                 tags={tracking.TASK_TAG: "multilabel"}).info.run_id
@@ -413,6 +418,19 @@ def test_a_study_searching_a_key_its_task_ignores_is_refused_before_anything_run
     assert "model.prototype_mode changes nothing for model.task=regression" in err
     assert "search_spaces/regression.yaml" in err
     assert not (tmp_path / "ray").exists()  # refused before Ray or a run started
+
+
+def test_a_space_loss_the_set_task_cannot_use_is_refused_before_anything_runs(tmp_path, capsys):
+    """The task comes from --set, not the space: its losses are checked against that task."""
+    space = tmp_path / "space.yaml"
+    space.write_text("model.loss: {type: categorical, choices: [auto, cross_entropy]}\n")
+    code = main(["run", "--space", str(space), "--set", "model.task=multilabel", "--trials", "2",
+                 "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                 "--storage-path", str(tmp_path / "ray")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert "model.loss=cross_entropy: model.task=multilabel cannot train with it" in err
+    assert not (tmp_path / "ray").exists()
 
 
 def test_model_task_as_a_constant_of_a_space_is_fine(tmp_path):
