@@ -444,7 +444,7 @@ def _study_storage(tracking_uri: str, experiment: str, study: str) -> str | None
 
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
         return None  # no MLflow store there yet: do not create one just to look
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri, tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     run_id = find_study_run(client, exp.experiment_id, study) if exp else None
     stored = client.get_run(run_id).data.tags.get(OPTUNA_STORAGE_TAG) if run_id else None

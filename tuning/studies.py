@@ -86,7 +86,7 @@ def open_store(tracking_uri: str | None, experiment: str) -> Store:
     if local is not None and not local.exists():
         raise HPNInputError(f"--tracking-uri: no MLflow store at {local}; run a study first "
                             "or pass the --tracking-uri your studies used")
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None or exp.lifecycle_stage == "deleted":
         known = sorted(e.name for e in client.search_experiments())

@@ -384,7 +384,7 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
         ray_tune.init_ray(opts.address)
         _check_cluster_reach(opts, tracking_uri)
     # Cheap checks first: the study's name against MLflow and Ray's saved state.
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri, tracking_uri)
     experiment_id = tracking.ensure_experiment(client, opts.experiment, tracking_uri)
     parent = tracking.find_study_run(client, experiment_id, name)
     if opts.resume:
@@ -810,7 +810,8 @@ def _best_model_tsne(run_id: str, data: Any, tracking_uri: str) -> Any:
         return None  # no cached embeddings, or no classes to colour them by (regression)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file
     with tempfile.TemporaryDirectory() as tmp:
-        head = HPNClassifier.load(download_hpn(MlflowClient(tracking_uri), run_id, tmp)).head
+        client = MlflowClient(tracking_uri, tracking_uri)
+        head = HPNClassifier.load(download_hpn(client, run_id, tmp)).head
     test = data.split.test
     with torch.no_grad():
         z = head.embed(torch.from_numpy(data.features[test])).numpy()  # (n_test, d)

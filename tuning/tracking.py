@@ -355,7 +355,7 @@ def experiment_id_if_any(tracking_uri: str, name: str) -> str | None:
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
         return None
     try:
-        exp = MlflowClient(tracking_uri).get_experiment_by_name(name)
+        exp = MlflowClient(tracking_uri, tracking_uri).get_experiment_by_name(name)
     except Exception:  # noqa: BLE001 (an unreachable or outdated store: the UI will say why)
         return None
     return exp.experiment_id if exp is not None and exp.lifecycle_stage == "active" else None
@@ -414,7 +414,7 @@ def close_unclosed_trial_run(tracking_uri: str, experiment_id: str, parent_run_i
     """Close a trial's run that its trial could not close itself (stopped by the scheduler,
     or failed), from the driver, with `metrics` it lacks (time and peak memory from its last
     report); a run the trial already closed is left as it is."""
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri, tracking_uri)
     run = find_trial_run(client, experiment_id, parent_run_id, trial_id)
     if run is not None and not run.data.tags.get(STATE_TAG):
         missing = {k: v for k, v in (metrics or {}).items() if k not in run.data.metrics}
@@ -476,7 +476,7 @@ class TrialRun:
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str,
                  study: str, params: dict[str, Any], tags: dict[str, str] | None = None,
                  number: int | None = None) -> None:
-        self.client = MlflowClient(tracking_uri)
+        self.client = MlflowClient(tracking_uri, tracking_uri)
         self.unsent = []
         where = {NODE_TAG: socket.gethostname(), **(tags or {})}  # node and repeat tags
         existing = find_trial_run(self.client, experiment_id, parent_run_id, trial_id)

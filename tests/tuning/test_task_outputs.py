@@ -80,6 +80,24 @@ def trained(request, cache_dir, tmp_path_factory):
     return task, model, save_pyfunc(model, tmp_path_factory.mktemp(f"model-{task}") / "model")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _restore_mlflow_uris():
+    """`load_model` sets MLflow's global tracking and registry URIs (and the env vars MLflow
+    mirrors them to): put them back, so later modules' clients see a clean process."""
+    import mlflow
+
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    before = {k: os.environ.get(k) for k in keys}
+    yield
+    mlflow.set_tracking_uri(before["MLFLOW_TRACKING_URI"])
+    mlflow.set_registry_uri(before["MLFLOW_REGISTRY_URI"])
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"

@@ -112,12 +112,24 @@ def study(request, tmp_path_factory, cache_dir, mlflow_server, ray_runtime) -> S
     overrides = [f"data.size={SIZE}", f"train.epochs={EPOCHS[task]}",
                  f"encoder.cache_dir={cache_dir}"]
     started = time.time()
-    summary = run_study(StudyOptions(
-        space=task, trials=TRIALS, overrides=overrides, name=name,
-        tracking_uri=mlflow_server, experiment=EXPERIMENT, storage_path=str(tmp / "ray"),
-        optuna_storage=f"sqlite:///{tmp / 'optuna.db'}", max_concurrent=2, scheduler="fifo",
-        seed=SEED, model_name=model_name,
-    ))
+    # A registry URI left in the process (mlflow.set_registry_uri, as loading a model does, or
+    # the env var) must not take the study's registrations away from its --tracking-uri.
+    stray = tmp / "stray-registry.db"
+    before = os.environ.get("MLFLOW_REGISTRY_URI")
+    os.environ["MLFLOW_REGISTRY_URI"] = f"sqlite:///{stray}"
+    try:
+        summary = run_study(StudyOptions(
+            space=task, trials=TRIALS, overrides=overrides, name=name,
+            tracking_uri=mlflow_server, experiment=EXPERIMENT, storage_path=str(tmp / "ray"),
+            optuna_storage=f"sqlite:///{tmp / 'optuna.db'}", max_concurrent=2, scheduler="fifo",
+            seed=SEED, model_name=model_name,
+        ))
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_REGISTRY_URI", None)
+        else:
+            os.environ["MLFLOW_REGISTRY_URI"] = before
+    assert not stray.exists()
     elapsed = time.time() - started
     client = MlflowClient(mlflow_server, mlflow_server)
     experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
