@@ -45,6 +45,7 @@ class EncoderConfig:
     trainable_layers: int = 0  # > 0 fine-tunes the top k layers (no embedding cache)
     batch_size: int = 128  # encoding batch size
     cache_dir: str = ".hpn_cache"
+    runtime: str = "torch"  # torch | onnx | onnx-int8 (ONNX Runtime on the CPU; frozen encoder only)
 
 
 @dataclass
@@ -108,6 +109,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("synthetic", "file", "personahub"),
     "data.labels": ("column", "keywords", "elite_domain"),
     "encoder.pooling": ("mean", "cls"),
+    "encoder.runtime": ("torch", "onnx", "onnx-int8"),  # hpn.runtimes.RUNTIMES
     "model.prototype_mode": ("fixed", "learned"),
     "model.prototype_assignment": ("per_class", "extra_negatives"),
     "model.task": TASKS,
@@ -321,6 +323,11 @@ def validate(cfg: Config) -> None:
                           "so extra negatives would never train; use model.loss=cross_entropy")
     if problem := loss_problem(flat["model.task"], flat["model.loss"]):
         raise ConfigError(problem)
+    if flat["encoder.runtime"] != "torch" and flat["encoder.trainable_layers"] > 0:
+        raise ConfigError(
+            f"encoder.runtime={flat['encoder.runtime']}: runs a frozen encoder, but "
+            f"encoder.trainable_layers={flat['encoder.trainable_layers']} fine-tunes it; set "
+            "encoder.runtime=torch (and export the trained model: hpn-tune export --format onnx)")
     if not flat["data.label_separator"]:
         raise ConfigError("data.label_separator: must not be empty; give the text between labels "
                           "in a label cell, e.g. '|'")

@@ -10,6 +10,7 @@ import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,6 +78,13 @@ class TextEncoder(nn.Module):
             return_tensors="pt",
         )
 
+    def embed_batch(self, texts: list[str], device: torch.device) -> np.ndarray:
+        """(len(texts), width) float32 embeddings of one batch (the module already on device)."""
+        batch = self.tokenize(texts)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+            z = self(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        return z.float().cpu().numpy()
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return pool(hidden, attention_mask, self.pooling)  # (batch, width)
@@ -115,9 +123,16 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
 
 
+def encoder_id(cfg: EncoderConfig) -> list:
+    """What an embedding depends on besides its text. The runtime joins only when it is not
+    torch, so caches written before runtimes existed keep their keys."""
+    runtime = getattr(cfg, "runtime", "torch")
+    return [cfg.name, cfg.pooling, cfg.max_length] + ([runtime] if runtime != "torch" else [])
+
+
 def cache_key(cfg: EncoderConfig, texts: Iterable[str]) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([cfg.name, cfg.pooling, cfg.max_length]).encode())
+    h.update(json.dumps(encoder_id(cfg)).encode())
     for text in texts:
         h.update(text.encode("utf-8"))
         h.update(b"\0")
@@ -175,10 +190,14 @@ def check_embeddings(
 
 @torch.inference_mode()
 def embed(
-    encoder: TextEncoder, texts: list[str], batch_size: int, device: torch.device, progress: bool = False
+    encoder: Any, texts: list[str], batch_size: int, device: torch.device, progress: bool = False
 ) -> np.ndarray:
-    """Embed texts in length-sorted batches so each batch pads only to its own longest text."""
-    encoder.to(device).eval()
+    """Embed texts in length-sorted batches so each batch pads only to its own longest text.
+
+    `encoder`: a TextEncoder or an `hpn.runtimes.OnnxTextEncoder` (which runs on the CPU).
+    """
+    if isinstance(encoder, nn.Module):
+        encoder.to(device).eval()
     order = np.argsort([len(t) for t in texts], kind="stable")
     out = np.empty((len(texts), encoder.width), dtype=np.float32)
     starts = range(0, len(texts), batch_size)
@@ -188,10 +207,7 @@ def embed(
         starts = tqdm(starts, desc="encoding", unit="batch")
     for start in starts:
         idx = order[start : start + batch_size]
-        batch = encoder.tokenize([texts[i] for i in idx])
-        with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
-            z = encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        out[idx] = z.float().cpu().numpy()
+        out[idx] = encoder.embed_batch([texts[i] for i in idx], device)
     return out
 
 
@@ -205,14 +221,16 @@ def encode_texts(
     """
     path = cache_path(cfg, texts)
     key = path.name.removesuffix(cache_files.SUFFIX)
-    encoder_id = [cfg.name, cfg.pooling, cfg.max_length]
+    ident = encoder_id(cfg)
     cached = cache_files.load(path, (len(texts), encoder_width(cfg.name)),
-                              fields={"key": key, "encoder": encoder_id})
+                              fields={"key": key, "encoder": ident})
     if cached is not None:
         return cached
+    from hpn.runtimes import load_encoder
+
     device = device or pick_device()
-    encoder = TextEncoder(cfg.name, cfg.pooling, cfg.max_length)
+    encoder = load_encoder(cfg)
     vectors = embed(encoder, texts, cfg.batch_size, device, progress)
     check_embeddings(vectors, len(texts), cfg, encoder.width)  # fp16 overflow: never cache it
-    cache_files.save(path, vectors, key=key, encoder=encoder_id)
+    cache_files.save(path, vectors, key=key, encoder=ident)
     return vectors

@@ -26,6 +26,7 @@ from hpn.config import EncoderConfig, ModelConfig
 from hpn.encode import TextEncoder, embed
 from hpn.losses import cosine_to_value
 from hpn.prototypes import fixed_prototypes, prototype_classes
+from hpn.runtimes import load_encoder
 from hpn.task_metrics import DecisionRule
 from hpn.tasks import CLASSIFICATION, JOINT, MULTILABEL, REGRESSION, TASKS
 
@@ -178,7 +179,7 @@ class HPNClassifier(nn.Module):
                                                                float(target_range[1]))
         self.target_name = target_name
         self.decision = decision
-        self._frozen: list[TextEncoder] | None = None  # a list keeps it out of state_dict
+        self._frozen: list | None = None  # a list keeps it out of state_dict
 
     @property
     def fine_tuned(self) -> bool:
@@ -249,9 +250,8 @@ class HPNClassifier(nn.Module):
         if self.encoder is None:
             # Frozen encoder: same embedding function as training, but no disk cache (serving
             # sees new texts every call); the encoder is loaded once per process.
-            if self._frozen is None:
-                cfg = self.encoder_cfg
-                self._frozen = [TextEncoder(cfg.name, cfg.pooling, cfg.max_length)]
+            if self._frozen is None:  # the runtime the training embeddings came from
+                self._frozen = [load_encoder(self.encoder_cfg)]
             feats = torch.from_numpy(embed(self._frozen[0], list(texts), batch_size, device)).to(device)
             outs = [[self._output(h, feats)] for h in heads]
         else:

@@ -7,11 +7,12 @@ metrics and baselines (hpn/task_metrics.py), named in hpn/metrics.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -66,10 +67,22 @@ class PreparedData:
     corpus: Corpus
     split: Split
     features: np.ndarray | None  # (n, width) float32; None when the encoder is fine-tuned
+    #: a study that searches encoder.runtime: each runtime's embeddings of the same texts
+    by_runtime: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def fingerprint(self) -> str:
         return self.corpus.fingerprint()
+
+    def for_runtime(self, runtime: str) -> PreparedData:
+        """This data with `runtime`'s embeddings as its features (itself when it has no
+        embeddings by runtime: a study that does not search the runtime)."""
+        if not self.by_runtime:
+            return self
+        if runtime not in self.by_runtime:
+            raise ConfigError(f"encoder.runtime: {runtime!r} was not encoded for this study "
+                              f"(encoded: {', '.join(self.by_runtime)})")
+        return PreparedData(self.corpus, self.split, self.by_runtime[runtime], self.by_runtime)
 
 
 @dataclass
@@ -79,7 +92,11 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def prepare_data(cfg: Config, progress: bool = False) -> PreparedData:
+def prepare_data(cfg: Config, progress: bool = False,
+                 runtimes: Sequence[str] = ()) -> PreparedData:
+    """Load, split and (frozen encoder) encode the corpus once. `runtimes`: encode it with
+    each of these encoder runtimes too (a study searching encoder.runtime); `features` are
+    those of cfg's own runtime."""
     task = task_spec(cfg.model.task).name
     corpus = load_corpus(cfg.data, task)  # the task's view: a missing target / label set fails here
     # A loss or a prototype count the task and corpus cannot use fails before the encode.
@@ -87,10 +104,16 @@ def prepare_data(cfg: Config, progress: bool = False) -> PreparedData:
     if task != REGRESSION:
         head_classes(corpus.num_classes, cfg.model)
     split = corpus.split(cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.seed)
-    features = None
+    features, by_runtime = None, {}
     if cfg.encoder.trainable_layers == 0:
-        features = encode_texts(corpus.texts, cfg.encoder, pick_device(cfg.train.device), progress)
-    return PreparedData(corpus, split, features)
+        device = pick_device(cfg.train.device)
+        for runtime in dict.fromkeys([cfg.encoder.runtime, *runtimes]):
+            encoder_cfg = dataclasses.replace(cfg.encoder, runtime=runtime)
+            by_runtime[runtime] = encode_texts(corpus.texts, encoder_cfg, device, progress)
+        features = by_runtime[cfg.encoder.runtime]
+        if len(by_runtime) == 1:
+            by_runtime = {}
+    return PreparedData(corpus, split, features, by_runtime)
 
 
 def resolve_loss(cfg: Config, num_classes: int | None = None) -> str:

@@ -32,6 +32,7 @@ from tuning.outbox import Outbox
 from tuning.progress import StudyProgress
 from tuning.tracking import (
     CONFIG_GROUP_TAG,
+    ENCODER_RUNTIME_TAG,
     NODE_IP_TAG,
     OPTUNA_TRIAL_TAG,
     RAY_NODE_ID_TAG,
@@ -261,11 +262,13 @@ def trial_fn(config: dict[str, Any], data: PreparedData, ctx: StudyContext) -> N
         {k: v for k, v in config.items() if k in ctx.searched_keys})
     trial_id = tune.get_context().get_trial_id()
     cfg.train.device = _trial_device(ctx.gpu_fraction, cfg.train.device)
+    data = data.for_runtime(cfg.encoder.runtime)  # a study searching the runtime encoded each
     repeat = int(config.get(TRIAL_INDEX, 0))
     cfg.train.seed += repeat  # repeats of one config: the study's train.seed, +1, +2, ...
     tags = {**node_tags(), REPEAT_TAG: str(repeat),
             CONFIG_GROUP_TAG: str(config.get(GROUP_KEY, trial_id)),
-            TASK_TAG: getattr(cfg.model, "task", None) or "classification"}
+            TASK_TAG: getattr(cfg.model, "task", None) or "classification",
+            ENCODER_RUNTIME_TAG: cfg.encoder.runtime}
     if OPTUNA_TRIAL_KEY in config:
         tags[OPTUNA_TRIAL_TAG] = str(config[OPTUNA_TRIAL_KEY])
     number = trial_number(trial_id)

@@ -104,6 +104,14 @@ def study_spec(base: Any) -> TaskSpec:
     return task_spec(tracking.config_task(base))
 
 
+def searched_runtimes(space: Any) -> tuple[str, ...]:
+    """The encoder runtimes a space searches: each is encoded once before the trials."""
+    for p in space.params:
+        if p.key == "encoder.runtime":
+            return tuple(p.choices or ())
+    return ()
+
+
 def _searched_ranges(space: Any) -> dict[str, tuple[float, float]]:
     return {f"params.{p.key}": (p.low, p.high) for p in space.params if p.low is not None}
 
@@ -422,7 +430,7 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
                                 "run on CPU")
         ray_tune.check_trial_fits(plan.cpus_per_trial, gpus)  # Ray would wait for it forever
 
-        data = prepare_data(plan.base, progress=opts.progress)
+        data = prepare_data(plan.base, progress=opts.progress, runtimes=searched_runtimes(plan.space))
         _check_counts(plan.space, data.corpus.num_classes)
         if parent is None:
             _claim_name(plan, name)

@@ -54,6 +54,8 @@ BEST_RUN_TAG = "hpn.best_run_id"
 #: primary and in which direction (`hpn.tasks.task_spec`). A run without it predates tasks
 #: and is classification (`run_task`).
 TASK_TAG = "hpn.task"
+#: which encoder runtime (torch | onnx | onnx-int8) produced the embeddings a trial trained on
+ENCODER_RUNTIME_TAG = "hpn.encoder_runtime"
 # What a study was started with, so `--resume --name S` continues it as it was.
 TRIALS_TAG = "hpn.trials"
 MAX_CONCURRENT_TAG = "hpn.max_concurrent"
