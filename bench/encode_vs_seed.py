@@ -1,19 +1,26 @@
-"""One training epoch the seed project's way against ours, on the synthetic corpus.
+"""One training epoch the seed project's way against ours, and our one-off encode per
+encoder runtime (torch, onnx, onnx-int8), on the synthetic corpus.
 
 Seed: every batch is padded to 128 tokens and run through the frozen encoder again, every
 epoch. Ours: the corpus is encoded once (length-sorted batches, dynamic padding) and each
 epoch trains the head on cached embeddings. Both sides train the same head config.
 
     .venv/bin/python bench/encode_vs_seed.py [--size 10000] [--seed-batches 12]
+        [--runtimes torch onnx onnx-int8] [--epochs 20]
 
 The seed epoch is timed over --seed-batches batches and extrapolated linearly to the
 epoch (every batch has the same padded shape, so batch time is flat); the table says so.
-Our one-off encode runs in as many slices, interleaved with the seed's batches, so both
-sides see the same machine load (this machine is often shared).
+Each runtime's one-off encode runs in as many slices, interleaved with the seed's batches and
+with each other, so all sides see the same machine load (this machine is often shared). The
+ONNX graphs are exported (and int8-quantised) before timing; that one-off cost per encoder is
+reported on its own line. Then a model is trained on each runtime's embeddings (same config,
+same seed) and its test accuracy reported, with how many test predictions agree with the
+torch model's.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 import time
@@ -27,6 +34,7 @@ from hpn.config import load_config  # noqa: E402
 from hpn.data import load_corpus  # noqa: E402
 from hpn.encode import TextEncoder, embed  # noqa: E402
 from hpn.model import PrototypeHead, initial_prototypes  # noqa: E402
+from hpn.runtimes import RUNTIMES, encoder_graph, load_encoder  # noqa: E402
 from hpn.train import PreparedData, train  # noqa: E402
 
 
@@ -70,7 +78,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=10_000)
     ap.add_argument("--seed-batches", type=int, default=12)
+    ap.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
+    ap.add_argument("--epochs", type=int, default=20, help="epochs of each runtime's model")
     args = ap.parse_args()
+    runtimes = list(dict.fromkeys(["torch", *args.runtimes]))  # torch: the reference
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as cache:
         cfg = load_config(None, [f"data.size={args.size}", f"encoder.cache_dir={cache}",
@@ -78,34 +89,57 @@ def main() -> None:
         corpus = load_corpus(cfg.data)
         split = corpus.split(cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.seed)
 
-        t0 = time.perf_counter()
-        encoder = TextEncoder(cfg.encoder.name, cfg.encoder.pooling, cfg.encoder.max_length)
-        load_s = time.perf_counter() - t0
+        encoders, load_s, export_s = {}, {}, {}
+        for runtime in runtimes:
+            rt_cfg = dataclasses.replace(cfg.encoder, runtime=runtime)
+            if runtime != "torch":
+                t0 = time.perf_counter()
+                encoder_graph(rt_cfg, runtime)  # export + check + quantise, cached
+                export_s[runtime] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            encoders[runtime] = load_encoder(rt_cfg)
+            load_s[runtime] = time.perf_counter() - t0
         seed = SeedSteps(cfg, corpus, split, TextEncoder(cfg.encoder.name, cfg.encoder.pooling, 128))
         seed.step(0)  # warm-up
-        # Interleave: slice k of our (globally length-sorted) encode, then seed batch k.
+        for encoder in encoders.values():  # warm-up: first-call allocations are not the encode
+            embed(encoder, corpus.texts[:8], 8, torch.device("cpu"))
+        # Interleave: slice k of each runtime's (globally length-sorted) encode, then seed batch k.
         order = np.argsort([len(t) for t in corpus.texts], kind="stable")
-        features = np.empty((len(corpus.texts), encoder.width), dtype=np.float32)
-        encode_s = seed_total = 0.0
+        features = {r: np.empty((len(corpus.texts), e.width), dtype=np.float32)
+                    for r, e in encoders.items()}
+        encode_s = dict.fromkeys(runtimes, 0.0)
+        seed_total = 0.0
         for k, part in enumerate(np.array_split(order, args.seed_batches)):
-            t0 = time.perf_counter()
-            features[part] = embed(encoder, [corpus.texts[i] for i in part],
-                                   cfg.encoder.batch_size, torch.device("cpu"))
-            encode_s += time.perf_counter() - t0
+            texts = [corpus.texts[i] for i in part]
+            for runtime, encoder in encoders.items():
+                t0 = time.perf_counter()
+                features[runtime][part] = embed(encoder, texts, cfg.encoder.batch_size,
+                                                torch.device("cpu"))
+                encode_s[runtime] += time.perf_counter() - t0
             seed_total += seed.step(k + 1)
         seed_s, seed_batches = seed_total / args.seed_batches * seed.total, seed.total
 
-        data = PreparedData(corpus, split, features)
-        ours = train(cfg.with_updates({"train.epochs": 5}), data).metrics
+        results = {}
+        for runtime in runtimes:
+            rt_cfg = cfg.with_updates({"train.epochs": args.epochs, "encoder.runtime": runtime})
+            res = train(rt_cfg, PreparedData(corpus, split, features[runtime]))
+            test_feats = torch.from_numpy(features[runtime][split.test])
+            with torch.inference_mode():
+                pred = res.model.head(test_feats)[0].argmax(1).numpy()
+            results[runtime] = (res.metrics, pred)
+        ours = results["torch"][0]
         ours_epoch = len(split.train) / ours["train_samples_per_s"]
 
     rows = [
         ("seed epoch (pad 128, encoder every batch)", seed_s,
          f"timed {args.seed_batches}/{seed_batches} batches, extrapolated"),
-        ("ours: one-off encode (sorted, dynamic pad)", encode_s,
-         f"interleaved with the seed batches; + {load_s:.1f} s model load"),
-        ("ours: epoch on cached embeddings", ours_epoch, "mean of 5 epochs"),
     ]
+    for runtime in runtimes:
+        note = f"interleaved with the seed batches; + {load_s[runtime]:.1f} s load"
+        if runtime in export_s:
+            note += f"; one-off export {export_s[runtime]:.1f} s (cached)"
+        rows.append((f"ours: one-off encode, {runtime}", encode_s[runtime], note))
+    rows.append(("ours: epoch on cached embeddings (torch)", ours_epoch, f"mean of {args.epochs} epochs"))
     print(f"corpus: {args.size} synthetic personas, train split {len(split.train)}, "
           f"batch 32, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"| {'what':<44} | {'seconds':>10} | note |")
@@ -113,7 +147,22 @@ def main() -> None:
     for what, sec, note in rows:
         print(f"| {what:<44} | {sec:>10.3f} | {note} |")
     print(f"| {'ratio: seed epoch / our epoch':<44} | {seed_s / ours_epoch:>9.0f}x | target >= 500x |")
-    print(f"| {'ratio: seed epoch / our one-off encode':<44} | {seed_s / encode_s:>9.1f}x | target >= 10x |")
+    for runtime in runtimes:
+        print(f"| {'ratio: seed epoch / one-off encode, ' + runtime:<44} | "
+              f"{seed_s / encode_s[runtime]:>9.1f}x | target >= 10x |")
+    print()
+    torch_acc, torch_pred = results["torch"][0]["test_accuracy"], results["torch"][1]
+    print(f"| runtime | encode s | speed-up vs torch | test accuracy | vs torch (points) "
+          f"| test predictions = torch's | target |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    targets = {"torch": "reference", "onnx": "identical predictions",
+               "onnx-int8": ">= 2x faster, <= 0.5 points lost"}
+    for runtime in runtimes:
+        metrics, pred = results[runtime]
+        acc = metrics["test_accuracy"]
+        print(f"| {runtime} | {encode_s[runtime]:.1f} | {encode_s['torch'] / encode_s[runtime]:.2f}x "
+              f"| {acc:.4f} | {100 * (acc - torch_acc):+.2f} | {(pred == torch_pred).mean():.2%} "
+              f"| {targets[runtime]} |")
 
 
 if __name__ == "__main__":

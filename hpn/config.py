@@ -59,6 +59,8 @@ class ModelConfig:
     loss: str = "auto"  # auto (per task) | squared_cosine | cross_entropy | binary_cross_entropy
     temperature: float = 0.1  # cosine scale for cross-entropy
     decision: str = "auto"  # multilabel: auto | threshold | top_k, chosen on validation
+    sparsity: str = "dense"  # dense | block | random: fixed mask on the heads' projection (hpn/sparse.py)
+    density: float = 1.0  # fraction kept: of 4x4 weight blocks (block) or of weights (random)
 
 
 @dataclass
@@ -76,6 +78,7 @@ class TrainConfig:
     class_weights: bool = True  # inverse-frequency weights against class imbalance
     device: str = "auto"  # auto | cpu | cuda
     max_steps: int = 0  # > 0 caps optimiser steps per epoch (smoke tests, fine-tuning)
+    measure_latency: bool = True  # time the trained model's CPU predictions (hpn/latency.py)
 
 
 @dataclass
@@ -115,6 +118,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.task": TASKS,
     "model.loss": ("auto", "squared_cosine", "cross_entropy", "binary_cross_entropy"),
     "model.decision": ("auto", "threshold", "top_k"),
+    "model.sparsity": ("dense", "block", "random"),  # hpn.sparse.SPARSITIES
     "train.optimizer": ("sgd", "adam"),
     "train.device": ("auto", "cpu", "cuda"),
 }
@@ -134,6 +138,7 @@ BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("model.prototypes_per_class", 1, False),
     ("model.prototype_count", 0, False),
     ("model.temperature", 0, True),
+    ("model.density", 0, True),
     ("train.epochs", 1, False),
     ("train.batch_size", 1, False),
     ("train.lr", 0, True),
@@ -321,6 +326,15 @@ def validate(cfg: Config) -> None:
     if flat["model.prototype_assignment"] == "extra_negatives" and flat["model.loss"] == "squared_cosine":
         raise ConfigError("model.loss=squared_cosine: pulls each text to its class's prototype only, "
                           "so extra negatives would never train; use model.loss=cross_entropy")
+    if flat["model.density"] > 1:
+        raise ConfigError(f"model.density: must be <= 1 (the fraction of weights or blocks kept), "
+                          f"got {flat['model.density']!r}")
+    if flat["model.sparsity"] == "dense" and flat["model.density"] < 1:
+        # Silently dense would report a sparse run that never was. The converse (block or
+        # random at density 1, an all-ones mask) is allowed: a search can reach 1 and a space
+        # that searches the sparsity alone still validates at the default density.
+        raise ConfigError(f"model.density={flat['model.density']:g}: has no effect with "
+                          "model.sparsity=dense; set model.sparsity=block or random, or density 1")
     if problem := loss_problem(flat["model.task"], flat["model.loss"]):
         raise ConfigError(problem)
     if flat["encoder.runtime"] != "torch" and flat["encoder.trainable_layers"] > 0:

@@ -188,6 +188,28 @@ def check_embeddings(
                         f"encoder.name {cfg.name!r}; refusing to train on them")
 
 
+def _ready(module: nn.Module, device: torch.device) -> None:
+    """Put `module` in eval mode on `device`, touching it only when it is not already there:
+    `.to()` and `.eval()` walk every submodule and parameter (1-6 ms for MiniLM on a busy
+    2-core CPU), which a served one-text prediction paid on every call. The module's own
+    `training` flag and first parameter stand for the rest (`.train()`, `.eval()` and `.to()`
+    set them all), as `HPNClassifier._device` reads the device."""
+    if module.training:
+        module.eval()
+    first = next(module.parameters(), None)
+    if first is not None and not _on(first.device, device):
+        module.to(device)
+
+
+def _on(have: torch.device, want: torch.device) -> bool:
+    """Whether a tensor on `have` is on `want` ("cuda" means the current CUDA device)."""
+    if have.type != want.type:
+        return False
+    index = want.index if want.index is not None else (
+        torch.cuda.current_device() if want.type == "cuda" else have.index)
+    return have.index == index
+
+
 @torch.inference_mode()
 def embed(
     encoder: Any, texts: list[str], batch_size: int, device: torch.device, progress: bool = False
@@ -197,7 +219,7 @@ def embed(
     `encoder`: a TextEncoder or an `hpn.runtimes.OnnxTextEncoder` (which runs on the CPU).
     """
     if isinstance(encoder, nn.Module):
-        encoder.to(device).eval()
+        _ready(encoder, device)
     order = np.argsort([len(t) for t in texts], kind="stable")
     out = np.empty((len(texts), encoder.width), dtype=np.float32)
     starts = range(0, len(texts), batch_size)

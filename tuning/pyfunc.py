@@ -19,6 +19,7 @@ downloaded model directory against that format before anything in it is used.
 from __future__ import annotations
 
 import hashlib
+import json
 import tempfile
 from contextlib import suppress
 from importlib import metadata
@@ -55,6 +56,12 @@ LABEL_SET_SEPARATOR = "|"
 #: [low, high] (the training split's) that its predictions lie in.
 TASK_METADATA, TARGET_METADATA = "hpn_task", "hpn_target"
 TARGET_RANGE_METADATA = "hpn_target_range"
+#: What a model serves through (`torch`: the HPN's PyTorch modules; `onnx`, `onnx-int8`: the
+#: whole-model graph of hpn.export inside its `hpn` artifact) and the graph's sha256.
+SERVING_FORMAT_METADATA, GRAPH_SHA256_METADATA = "hpn_serving_format", "hpn_graph_sha256"
+TORCH_FORMAT = "torch"
+SERVING_FORMAT_TAG = "hpn.serving_format"  # on a LoggedModel and every registered version
+GRAPH_FILE, GRAPH_HEADER = "model.onnx", "graph.json"  # in the `hpn` artifact, beside the weights
 INPUT_EXAMPLE = [
     "A pediatric nurse who volunteers at a rural clinic and follows telemedicine research.",
     "A software engineer who maintains open-source compilers in her spare time.",
@@ -176,7 +183,11 @@ try:
         _skip_type_hint_validation = True
 
         def load_context(self, context: Any) -> None:
-            self.model = HPNClassifier.load(context.artifacts[HPN_ARTIFACT])
+            weights = Path(context.artifacts[HPN_ARTIFACT])
+            self.model = HPNClassifier.load(weights)
+            graph = read_graph(weights)
+            if graph is not None:  # an exported version: predict through the checked graph
+                self.model.use_graph(graph)
 
         def predict(self, context, model_input, params=None):  # no hints: MLflow reads them as a schema
             return self.score(model_input)
@@ -188,8 +199,9 @@ except ImportError:  # pragma: no cover - mlflow is a dependency; kept importabl
     HPNPyfunc = None  # type: ignore[assignment,misc]
 
 
-def _requirements() -> list[str]:
+def _requirements(graph: bool = False) -> list[str]:
     names = ["torch", "transformers", "safetensors", "numpy", "pandas", "mlflow", "hpn-tune"]
+    names += ["onnxruntime", "onnx"] if graph else []
     pins = []
     for name in names:
         try:
@@ -220,24 +232,79 @@ def model_metadata(model: HPNClassifier) -> dict[str, Any]:
     return meta
 
 
-def save_pyfunc(model: HPNClassifier, path: str | Path, mlflow_model: Any = None) -> Path:
+def save_pyfunc(model: HPNClassifier, path: str | Path, mlflow_model: Any = None,
+                graph: bytes | None = None, serving_format: str = TORCH_FORMAT) -> Path:
     """Write an MLflow pyfunc directory for `model` at `path` (which must not exist);
-    `mlflow_model` (an `mlflow.models.Model`) carries the ids of the LoggedModel it is for."""
+    `mlflow_model` (an `mlflow.models.Model`) carries the ids of the LoggedModel it is for.
+    `graph` (hpn.export's whole-model ONNX, checked against the model) goes into the `hpn`
+    artifact with its checksum, and the model then serves through it (`serving_format` onnx
+    or onnx-int8); the weights stay beside it (labels, decision rule, target range)."""
     import mlflow.pyfunc
 
+    metadata = {**model_metadata(model), SERVING_FORMAT_METADATA: serving_format}
     with tempfile.TemporaryDirectory() as tmp:
         weights = model.save(Path(tmp) / HPN_ARTIFACT)
+        if graph is not None:
+            (weights / GRAPH_FILE).write_bytes(graph)
+            header = {"format": serving_format, "sha256": hashlib.sha256(graph).hexdigest(),
+                      "bytes": len(graph)}
+            (weights / GRAPH_HEADER).write_text(json.dumps(header, indent=1))
+            metadata[GRAPH_SHA256_METADATA] = header["sha256"]
         mlflow.pyfunc.save_model(
             path=str(path),
             python_model=str(CODE_FILE),  # models-from-code: MLflow copies the file, no pickle
             artifacts={HPN_ARTIFACT: str(weights)},
             signature=signature_for(model.label_names, model_task(model)),
-            metadata=model_metadata(model),
+            metadata=metadata,
             input_example=pd.DataFrame({TEXT_COLUMN: INPUT_EXAMPLE}),  # saved, not run
-            pip_requirements=_requirements(),
+            pip_requirements=_requirements(graph is not None),
             mlflow_model=mlflow_model,
         )
     return Path(path)
+
+
+def graph_problem(weights: Path, recorded: str | None = None) -> str | None:
+    """Why the `hpn` artifact's ONNX graph may not be run (None when it may, or there is none):
+    a graph without its header or a header without its graph, bytes that no longer match the
+    header's sha256 (or the MLmodel's `recorded` one), or not a graph hpn-tune exports
+    (hpn.export.graph_problem: not ONNX, external data files, other inputs)."""
+    from hpn.export import graph_problem as bad_graph
+
+    path, header_path = weights / GRAPH_FILE, weights / GRAPH_HEADER
+    if not path.exists() and not header_path.exists():
+        return f"its MLmodel records an ONNX graph but it has no {GRAPH_FILE}" if recorded else None
+    if not (path.is_file() and header_path.is_file()):
+        return f"its ONNX graph needs both {GRAPH_FILE} and {GRAPH_HEADER}"
+    try:
+        header = json.loads(header_path.read_text())
+        data = path.read_bytes()
+    except (OSError, ValueError) as exc:
+        return f"its ONNX graph or {GRAPH_HEADER} is unreadable ({type(exc).__name__})"
+    digest = hashlib.sha256(data).hexdigest()
+    if not isinstance(header, dict) or header.get("sha256") != digest or header.get("bytes") != len(data):
+        return f"its {GRAPH_FILE} does not match the checksum in {GRAPH_HEADER}"
+    if recorded is not None and recorded != digest:
+        return f"its {GRAPH_FILE} does not match the checksum its MLmodel records"
+    return bad_graph(data)
+
+
+def read_graph(weights: str | Path) -> bytes | None:
+    """The `hpn` artifact's checked ONNX graph, or None when the model has none."""
+    weights = Path(weights)
+    problem = graph_problem(weights)
+    if problem:
+        raise HPNInputError(f"--model: {problem}; export the model again (hpn-tune export)")
+    return (weights / GRAPH_FILE).read_bytes() if (weights / GRAPH_FILE).exists() else None
+
+
+def served_model(loaded: Any) -> HPNClassifier:
+    """The HPNClassifier inside a PyFuncModel that `load_verified` built (its model_impl is our
+    HPNPyfunc, which MLflow's `unwrap_python_model` does not reach)."""
+    impl = getattr(loaded, "_model_impl", None)
+    model = getattr(impl, "model", None)
+    if not isinstance(model, HPNClassifier):
+        raise HPNInputError("--model: not an hpn-tune model loaded by tuning.serving.load_model")
+    return model
 
 
 def _sha256(path: Path) -> str:
@@ -249,8 +316,10 @@ def verify_model_dir(path: str | Path, model_uri: str) -> tuple[Any, Path]:
     anything but our code: no pickle anywhere (MLflow unpickles `python_model.pkl`, and a
     pickle runs whatever its `__reduce__` names), the models-from-code loader, no `code`
     directory (MLflow puts it first on sys.path), a code file byte-identical (sha256) to the
-    CODE_FILE this installed hpn-tune ships, and the weights inside the directory.
-    Returns (the MLmodel as `mlflow.models.Model`, the weights directory); reads only YAML."""
+    CODE_FILE this installed hpn-tune ships, the weights inside the directory, and an ONNX
+    graph (an exported version's) matching its checksums (`graph_problem`).
+    Returns (the MLmodel as `mlflow.models.Model`, the weights directory); parses only YAML,
+    JSON and, for a graph, ONNX protobuf (data, never code)."""
     from mlflow.models import Model
 
     root = Path(path).resolve()
@@ -294,6 +363,9 @@ def verify_model_dir(path: str | Path, model_uri: str) -> tuple[Any, Path]:
             (weights / f).is_file() for f in (WEIGHTS_FILE, META_FILE)):
         raise refuse(f"its `{HPN_ARTIFACT}` weights ({WEIGHTS_FILE}, {META_FILE}) are missing "
                      "or outside the model directory")
+    recorded = (meta.metadata or {}).get(GRAPH_SHA256_METADATA)
+    if problem := graph_problem(weights, recorded):
+        raise refuse(problem, "export the model again (hpn-tune export) or serve its torch version")
     return meta, weights
 
 
@@ -324,9 +396,14 @@ def load_verified(path: str | Path, model_uri: str) -> Any:
                        model_id=meta.model_id)
 
 
-def log_pyfunc(client: Any, run_id: str, model: HPNClassifier) -> str:
+def log_pyfunc(client: Any, run_id: str, model: HPNClassifier, graph: bytes | None = None,
+               serving_format: str = TORCH_FORMAT) -> str:
     """Log `model` as the run's LoggedModel `model`, after the run's params and final metrics
-    are logged (the model takes them over); returns its `models:/<model_id>` URI."""
+    are logged (the model takes them over); returns its `models:/<model_id>` URI.
+
+    With `graph` (an export checked against the model): a LoggedModel `model-<format>` from
+    the same run, serving through the graph. It is not one of the run's outputs, so
+    `run_model` and `runs:/<run_id>/model` keep meaning the trial's own (torch) model."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
     from mlflow.models import Model
 
@@ -335,17 +412,20 @@ def log_pyfunc(client: Any, run_id: str, model: HPNClassifier) -> str:
     run = client.get_run(run_id)
     tags = {k: run.data.tags[k] for k in (STUDY_TAG, TRIAL_ID_TAG) if k in run.data.tags}
     tags[NOTE_TAG] = _description(run, model_task(model))  # the model's description in the UI
+    tags[SERVING_FORMAT_TAG] = serving_format
+    name = MODEL_ARTIFACT if graph is None else f"{MODEL_ARTIFACT}-{serving_format}"
     logged = client.create_logged_model(
-        run.info.experiment_id, name=MODEL_ARTIFACT, source_run_id=run_id, tags=tags,
+        run.info.experiment_id, name=name, source_run_id=run_id, tags=tags,
         params=dict(run.data.params), model_type=MODEL_TYPE)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             ids = Model(artifact_path=logged.artifact_location, run_id=run_id,
                         model_id=logged.model_id, model_uuid=logged.model_id)
-            local = save_pyfunc(model, Path(tmp) / MODEL_ARTIFACT, ids)
+            local = save_pyfunc(model, Path(tmp) / MODEL_ARTIFACT, ids, graph, serving_format)
             client.log_model_artifacts(logged.model_id, str(local))
         step = _link_metrics(client, run, logged.model_id, model_task(model))
-        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step)])
+        if graph is None:
+            client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step)])
     except BaseException:
         with suppress(Exception):  # the original error is the one to see
             client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)

@@ -24,6 +24,7 @@ from hpn import metrics as M
 from hpn.config import from_dict
 from hpn.encode import pick_device
 from hpn.errors import HPNInputError
+from hpn.latency import frozen_encoder, measure_latency
 from hpn.memory import PeakMemory, cap_cuda_share
 from hpn.tasks import task_spec
 from hpn.train import NonFiniteLossError, PreparedData, train
@@ -67,6 +68,8 @@ class StudyContext:
     outbox: str | None = None  # where results wait while the MLflow server is unreachable
     http_retries: tuple[tuple[str, str], ...] = ()  # the driver's MLFLOW_HTTP_REQUEST_* bounds,
     # for trials on any node (tracking.bound_http_retries)
+    final_only: tuple[str, ...] = ()  # searcher objectives only the final report carries
+    # (latency_p50_ms, model_size_mb): NaN in epoch reports, see trial_fn
 
     @property
     def task(self) -> str:
@@ -126,9 +129,9 @@ class StudySearch(OptunaSearch):
         if result and not error and M.EPOCH in result and not result.get(DONE_KEY):
             result = None
         elif result and not error and not _all_finite(result, self.metric):
-            # An objective missing or NaN (a multi-objective trial without peak_vram_mb, a
-            # Repeater mean over failed repeats): Optuna would refuse the values and leave
-            # the trial RUNNING; it failed.
+            # An objective missing or NaN (a multi-objective trial without peak_vram_mb or
+            # latency_p50_ms, a Repeater mean over failed repeats): Optuna would refuse the
+            # values and leave the trial RUNNING; it failed.
             result, error = None, True
         super().on_trial_complete(trial_id, result, error)
 
@@ -287,6 +290,7 @@ def trial_fn(config: dict[str, Any], data: PreparedData, ctx: StudyContext) -> N
         log_dataset(run.client, run.run_id, ctx.dataset)
     started = time.time()
     pending: list[dict[str, float]] = []
+    nan_objectives = dict.fromkeys(ctx.final_only, float("nan"))
     trained = [0]  # epochs done, for the reason a stopped trial gives
     per_epoch: set[str] = set()  # metric keys logged with step = epoch
 
@@ -302,14 +306,25 @@ def trial_fn(config: dict[str, Any], data: PreparedData, ctx: StudyContext) -> N
         if pending:
             # With the time and peak memory so far: if the scheduler stops the trial at this
             # report, the driver closes its run with them (tracking.close_unclosed_trial_run).
-            tune.report({**pending.pop(), **memory.usage()})
+            # Ray refuses a report without each of the searcher's metrics; an objective known
+            # only at the end is NaN until then (a multi-objective searcher reads only the
+            # final report, and a trial ending without it fails: StudySearch).
+            tune.report({**nan_objectives, **pending.pop(), **memory.usage()})
         pending.append(row)
 
+    measure = cfg.train.measure_latency
+    serving: dict[str, float] = {}
     # The trial's own window around train(): a trial stopped early, failed or pruned, still
     # logs how long it ran and its peak memory (its validation metrics are logged per epoch).
     with PeakMemory(pick_device(cfg.train.device)) as memory:
         try:
+            if measure and cfg.encoder.trainable_layers == 0:
+                # Loaded before train()'s own memory window, once per process: every trial's
+                # peak then holds its runtime's encoder, a process's first trial as the rest.
+                frozen_encoder(cfg.encoder)
             result = train(cfg, data, on_epoch)
+            if measure:  # its own model on the champion path, CPU (hpn/latency.py)
+                serving = measure_latency(result.model)
         except torch.OutOfMemoryError as exc:
             run.log_metrics(memory.usage())
             run.end("error", f"CUDA out of memory: {exc}")
@@ -327,12 +342,12 @@ def trial_fn(config: dict[str, Any], data: PreparedData, ctx: StudyContext) -> N
             run.log_metrics(memory.usage())
             run.end("error", f"{type(exc).__name__}: {exc}")
             raise
-    final = {**result.metrics, NUM_CLASSES_KEY: data.corpus.num_classes,
+    final = {**result.metrics, **serving, NUM_CLASSES_KEY: data.corpus.num_classes,
              "trial_started_at": started, "trial_ended_at": time.time()}
     # Every final metric the trainer returns (the task decides which), but those already
     # logged per epoch: the last epoch's point is their final value.
     run.log_metrics({**{k: v for k, v in result.metrics.items()
-                        if k not in per_epoch and k != M.EPOCH},
+                        if k not in per_epoch and k != M.EPOCH}, **serving,
                      NUM_CLASSES_KEY: data.corpus.num_classes}, step=cfg.train.epochs)
     _record_completed(run, trial_id, result.model, Outbox(ctx.outbox))
     tune.report({**final, DONE_KEY: True})

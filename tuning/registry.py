@@ -45,7 +45,9 @@ from tuning.pyfunc import (
     LABELS_COLUMN,
     MODEL_ARTIFACT,
     PREDICTION_COLUMN,
+    SERVING_FORMAT_TAG,
     TEXT_COLUMN,
+    TORCH_FORMAT,
     run_model,
 )
 from tuning.tracking import (
@@ -489,11 +491,13 @@ def _link_version(client: MlflowClient, model_id: str, name: str, version: str) 
 
 
 def _registered(client: MlflowClient, model_name: str, run_id: str) -> Any | None:
-    """The run's version under `model_name`, if it was registered."""
+    """The run's version under `model_name`, if it was registered: its torch one (an export
+    registered from the same run is another version of it, not the run's registration)."""
     try:
         versions = client.search_model_versions(f"name = '{model_name}' AND run_id = '{run_id}'")
     except MlflowException:
         return None  # no such registered model yet
+    versions = [v for v in versions if version_format(v) == TORCH_FORMAT]
     return max(versions, key=lambda v: int(v.version), default=None)
 
 
@@ -586,11 +590,7 @@ def register_run(client: MlflowClient, run_id: str, model_name: str = DEFAULT_MO
         except MlflowException:
             pass  # created concurrently by another study
     dataset = _run_dataset(client, run)
-    tags = {"study": run.data.tags.get(STUDY_TAG, ""), "trial": run.data.tags.get(TRIAL_ID_TAG, ""),
-            "dataset_fingerprint": dataset.get("fingerprint") or ""}
-    tags[TASK_VERSION_TAG] = task
-    shown = card_metrics(task)
-    tags.update({f"metric.{k}": f"{v:.6f}" for k, v in run.data.metrics.items() if k in shown})
+    tags = _version_tags(run, dataset, task, TORCH_FORMAT)
     logged = run_model(client, run_id)
     # The LoggedModel's own location, not `models:/<model_id>`: a SQL registry resolves that
     # through the process's global tracking URI (see tuning.pyfunc.model_artifact_uri). A run
@@ -605,6 +605,56 @@ def register_run(client: MlflowClient, run_id: str, model_name: str = DEFAULT_MO
     _log_card(client, run_id, logged.model_id if logged else None, card)
     if logged:
         _link_version(client, logged.model_id, model_name, version)
+    return version
+
+
+def _version_tags(run: Any, dataset: dict[str, Any], task: str, serving_format: str) -> dict[str, str]:
+    """A version's small tags: study, trial, data, task, headline metrics, serving format."""
+    tags = {"study": run.data.tags.get(STUDY_TAG, ""), "trial": run.data.tags.get(TRIAL_ID_TAG, ""),
+            "dataset_fingerprint": dataset.get("fingerprint") or "", TASK_VERSION_TAG: task,
+            SERVING_FORMAT_TAG: serving_format}
+    shown = card_metrics(task)
+    tags.update({f"metric.{k}": f"{v:.6f}" for k, v in run.data.metrics.items() if k in shown})
+    return tags
+
+
+def version_format(version: Any) -> str:
+    """What a version serves through: its SERVING_FORMAT_TAG (torch when registered before
+    exports existed)."""
+    return (version.tags or {}).get(SERVING_FORMAT_TAG) or TORCH_FORMAT
+
+
+def register_export(client: MlflowClient, run_id: str, model_id: str, model_name: str,
+                    serving_format: str, margin: float = M.DEFAULT_BASELINE_MARGIN) -> str:
+    """Register an export of the run's model (the LoggedModel `model_id` that `log_pyfunc`
+    made with the graph) as a new version of `model_name`, tagged with its serving format;
+    returns the version number. The registration check applies as to any version: the run
+    beats its baselines, and the export loads and predicts in a fresh process."""
+    check_margin(margin)
+    run = client.get_run(run_id)
+    task = task_spec(run_task(run)).name
+    logged = client.get_logged_model(model_id)
+    problem = (_task_mix_problem(client, model_name, task)
+               or baseline_problem(run.data.metrics, margin, task)
+               or load_problem(client, f"models:/{model_id}", logged.artifact_location))
+    if problem:
+        raise RegistrationRefused(f"the {serving_format} export of run {run_id} not registered: "
+                                  f"{problem}")
+    try:
+        client.get_registered_model(model_name)
+    except MlflowException:
+        client.create_registered_model(
+            model_name, description=f"Hyperspherical Prototype Networks: persona text "
+            f"{MODEL_DOES[task]}.")
+    dataset = _run_dataset(client, run)
+    version = str(client.create_model_version(
+        model_name, source=logged.artifact_location, run_id=run_id, model_id=model_id,
+        tags=_version_tags(run, dataset, task, serving_format)).version)
+    card = model_card(run, dataset, f"models:/{model_name}/{version}")
+    card += (f"\n\nServes through the whole-model ONNX graph ({serving_format}) exported from "
+             "the run's model and checked against its predictions (`hpn-tune export`).")
+    client.update_model_version(model_name, version, description=card[:5000])
+    _link_version(client, model_id, model_name, version)
     return version
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from hpn.metrics import NUM_PROTOTYPES, VAL_ACCURACY
+from hpn.metrics import LATENCY_P50_MS, NUM_PROTOTYPES, VAL_ACCURACY
 
 PARAM_PREFIX = "params."
 BEST_FRACTION = 0.2  # "the best trials" = top 20% by objective (at least one)
@@ -241,7 +241,8 @@ def write_optuna_plots(study: Any, out_dir: str | Path, objective: str = VAL_ACC
     written | why skipped}:
     a plot Optuna cannot draw for this study (too few trials, one parameter, nothing that
     varied) is skipped with Optuna's reason, never failing the study. With several
-    `objectives` (multi-objective) the plots show the first and a Pareto front is added.
+    `objectives` (multi-objective: the metric names in the study's order, the primary
+    first) the plots show the first and a Pareto front, its axes named by them, is added.
     The direction comes from the Optuna study itself (created "minimize" for an error
     metric), so the history's best-value line and the contour colours follow it; the
     objective's name labels the axes."""
@@ -263,7 +264,13 @@ def write_optuna_plots(study: Any, out_dir: str | Path, objective: str = VAL_ACC
             kwargs["target"] = lambda t: t.values[0]
         calls[name] = (getattr(ovm, plot), kwargs)
     if multi:
-        calls["pareto_front.png"] = (ovm.plot_pareto_front, {"target_names": list(objectives)})
+        # Optuna draws a front of 2 or 3 objectives: with more, the first three (the task's
+        # primary and the first two --objectives), named so the axes say which.
+        shown = list(objectives)[:3]
+        front: dict[str, Any] = {"target_names": shown}
+        if len(objectives) > 3:
+            front["targets"] = lambda t: t.values[:3]
+        calls["pareto_front.png"] = (ovm.plot_pareto_front, front)
     else:  # the per-epoch objective of every trial: where ASHA stopped the pruned ones
         calls["intermediate_values.png"] = (ovm.plot_intermediate_values, {})
     done: dict[str, str] = {}
@@ -304,3 +311,114 @@ def _draw_optuna_plots(study: Any, calls: dict[str, Any], out: Path, done: dict[
             figure.savefig(out / name, dpi=110, bbox_inches="tight")
             done[name] = "written"
         plt.close(figure)
+
+
+# -- accuracy against latency, per encoder runtime -----------------------------------------
+LATENCY_FRONT_FILE = "latency_front_by_runtime.png"
+RUNTIME_PARAM = PARAM_PREFIX + "encoder.runtime"
+#: one colour and marker per runtime (the same in every study's plot); others cycle after
+RUNTIME_STYLES = {"torch": ("tab:blue", "o"), "onnx": ("tab:orange", "s"),
+                  "onnx-int8": ("tab:green", "^")}
+_MORE_STYLES = [("tab:purple", "D"), ("tab:brown", "v"), ("tab:pink", "P")]
+
+
+class LatencyFrontData(NamedTuple):
+    """Completed trials as (latency, objective) points, by the runtime they served on."""
+
+    objective: str
+    mode: str
+    latency: np.ndarray  # (n,) latency_p50_ms
+    value: np.ndarray  # (n,) the task's primary
+    runtime: list[str]  # (n,) encoder.runtime of each trial
+    run_name: list[str]  # (n,) <study>-t007
+    pareto: np.ndarray  # (n,) bool: no other trial is at least as good on both and better on one
+    runtime_pareto: np.ndarray  # (n,) bool: the same, among the trials of its own runtime
+
+
+def pareto_mask(value: np.ndarray, latency: np.ndarray, mode: str = "max") -> np.ndarray:
+    """(n,) True where no other point is at least as good in both (value in `mode`, latency
+    lower) and strictly better in one: the 2-D Pareto front this plot draws."""
+    _check_mode(mode)
+    v = np.asarray(value, dtype=float) * (1 if mode == "max" else -1)  # higher is better
+    lat = np.asarray(latency, dtype=float)
+    keep = np.ones(len(v), dtype=bool)
+    for i in range(len(v)):
+        no_worse = (v >= v[i]) & (lat <= lat[i])
+        better = (v > v[i]) | (lat < lat[i])
+        keep[i] = not np.any(no_worse & better)
+    return keep
+
+
+def latency_front_data(trials: pd.DataFrame, objective: str, mode: str = "max",
+                       latency: str = LATENCY_P50_MS) -> LatencyFrontData:
+    """The plot's points: completed trials with a finite objective and latency. A study that
+    did not search the runtime has every trial on its config's runtime (its param)."""
+    _check_mode(mode)
+    done = _finite(trials, objective)
+    if latency in done.columns:
+        lat = pd.to_numeric(done[latency], errors="coerce").astype(float)
+        done = done[np.isfinite(lat)].assign(**{latency: lat[np.isfinite(lat)]})
+    else:
+        done = done.iloc[0:0]
+    runtimes = (done[RUNTIME_PARAM].astype(str).tolist() if RUNTIME_PARAM in done.columns
+                else ["torch"] * len(done))
+    names = (done["run_name"].astype(str).tolist() if "run_name" in done.columns
+             else [str(i) for i in range(len(done))])
+    value = done[objective].to_numpy(dtype=float) if len(done) else np.empty(0)
+    lat_v = done[latency].to_numpy(dtype=float) if len(done) else np.empty(0)
+    own = np.zeros(len(done), dtype=bool)
+    for rt in set(runtimes):
+        idx = np.flatnonzero(np.array(runtimes) == rt)
+        own[idx] = pareto_mask(value[idx], lat_v[idx], mode)
+    return LatencyFrontData(objective, mode, lat_v, value, runtimes, names,
+                            pareto_mask(value, lat_v, mode), own)
+
+
+def _runtime_style(runtime: str, order: list[str]) -> tuple[str, str]:
+    if runtime in RUNTIME_STYLES:
+        return RUNTIME_STYLES[runtime]
+    others = [r for r in order if r not in RUNTIME_STYLES]
+    return _MORE_STYLES[others.index(runtime) % len(_MORE_STYLES)]
+
+
+def draw_latency_front(d: LatencyFrontData) -> Figure:
+    """The objective against one-text latency: each runtime its colour and marker, a dashed
+    line through each runtime's own front (what that runtime can reach), and the study's
+    Pareto-optimal trials ringed in black (the trade-offs worth choosing from)."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    order = sorted(set(d.runtime), key=lambda r: (list(RUNTIME_STYLES).index(r)
+                                                   if r in RUNTIME_STYLES else 99, r))
+    runtimes = np.array(d.runtime)
+    for rt in order:
+        colour, marker = _runtime_style(rt, order)
+        mine = runtimes == rt
+        ax.scatter(d.latency[mine], d.value[mine], c=colour, marker=marker, s=36, alpha=0.8,
+                   label=f"{rt} ({int(mine.sum())})")
+        front = np.flatnonzero(mine & d.runtime_pareto)
+        front = front[np.argsort(d.latency[front])]
+        if len(front) > 1:
+            ax.step(d.latency[front], d.value[front], where="post", color=colour,
+                    linestyle="--", linewidth=1, alpha=0.7)
+    if d.pareto.any():
+        ax.scatter(d.latency[d.pareto], d.value[d.pareto], s=140, facecolors="none",
+                   edgecolors="black", linewidths=1.2, label="Pareto-optimal")
+    ax.set(xlabel="latency_p50_ms: one text, raw text -> prediction, CPU (lower is better)",
+           ylabel=f"{d.objective}{direction_words(d.mode)}",
+           title=f"{d.objective} against latency, by encoder runtime")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="encoder.runtime (trials)", title_fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def write_latency_front(trials: pd.DataFrame, out_dir: str | Path, objective: str,
+                        mode: str = "max") -> dict[str, str]:
+    """LATENCY_FRONT_FILE into out_dir; {file: written | why skipped} for plots.json."""
+    d = latency_front_data(trials, objective, mode)
+    if not len(d.value):
+        return {LATENCY_FRONT_FILE: "skipped: no completed trial with a latency measurement"}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    draw_latency_front(d).savefig(out / LATENCY_FRONT_FILE, dpi=110, bbox_inches="tight")
+    return {LATENCY_FRONT_FILE: "written"}

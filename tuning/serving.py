@@ -346,9 +346,16 @@ def scoring_app(model: Any, max_bytes: int) -> Any:
 
 
 def _listen_socket(host: str, port: int) -> socket.socket:
-    """Bound before the model loads: a port in use is one line, not a traceback after a load."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    """Bound before the model loads: a port in use is one line, not a traceback after a load.
+
+    Made with proto IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on the
+    connections of a socket that says it is TCP (`asyncio.base_events._set_nodelay`). Without
+    it Nagle's algorithm held each answer's body until the client's delayed ACK of its
+    headers, 40 ms added to every request (a one-text answer took ~50 ms, ~10 with it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
     try:
         sock.bind((host, port))
     except OSError as exc:

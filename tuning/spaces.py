@@ -176,7 +176,9 @@ def load_space(path: str | Path) -> SearchSpace:
     except ConfigError as exc:
         raise fail(f"{exc} (a constant); fix its value") from None
     for spec in params:
-        _check_values(fail, spec, constants, firsts)
+        # A conditional key is only ever tried with the keys it depends on enabling it.
+        enabled = {ref: values[0] for ref, values in (spec.when or {}).items()}
+        _check_values(fail, spec, constants, {**firsts, **enabled})
     return SearchSpace(str(p), tuple(params), constants, _summary(text))
 
 

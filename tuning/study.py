@@ -26,6 +26,7 @@ from hpn.errors import HPNInputError
 from hpn.tasks import CLASSIFICATION, UNUSED_KEYS, TaskSpec, loss_problem, task_spec
 from hpn.train import prepare_data
 from tuning import optuna_store, tracking
+from tuning.objectives import DEFAULT_OBJECTIVES, objective_metrics, parse_objectives
 from tuning.spaces import load_space, resolve_space_path
 from tuning.tracking import STATE_TAG, TRIAL_ID_TAG, trial_runs
 
@@ -46,6 +47,8 @@ class StudyOptions:
     cpus_per_trial: float | None = None  # None: 1, or the recorded number on resume
     max_concurrent: int | None = None  # None: 2, or the recorded number on resume
     sampler: str | None = None  # None: tpe, or the recorded sampler on resume
+    objectives: str | None = None  # --objectives: a multi-objective sampler's objectives beside
+    # the task's primary (memory, latency, size); None: memory, or the recorded ones on resume
     scheduler: str | None = None  # None: asha, but fifo for grid, repeated and multi-objective studies
     address: str | None = None
     storage_path: str | None = None
@@ -93,6 +96,14 @@ def _check(opts: StudyOptions) -> None:
             "([A-Za-z0-9][A-Za-z0-9._-]{0,99})")
     if opts.resume and not opts.name:
         raise HPNInputError("--resume: needs --name of the study to resume")
+    if opts.objectives is not None:
+        from tuning.samplers import is_multi_objective
+
+        names = parse_objectives(opts.objectives)
+        if not opts.resume and not is_multi_objective(opts.sampler or "tpe"):
+            raise HPNInputError(
+                f"--objectives: the {opts.sampler or 'tpe'} sampler optimises the task's metric "
+                f"alone; add --sampler nsga2 to trade it against {', '.join(names)}")
     if not opts.resume:  # a bad space file is refused before any store or Ray exists
         load_space(resolve_space_path(opts.space))
 
@@ -194,6 +205,8 @@ class StudyPlan:
     optuna_storage: str | None  # RDB URL (with its password, if any); None: a study from
     # before the storage, whose sampler lives only in Ray's state
     legs: tuple[Leg, ...] = ()  # Ray experiments so far (none for a new study)
+    objectives: tuple[str, ...] = DEFAULT_OBJECTIVES  # a multi-objective sampler's, beside the
+    # task's primary (tuning.objectives.OBJECTIVES); ignored by a single-objective one
 
 
 def _new_plan(opts: StudyOptions, tracking_uri: str, name: str) -> StudyPlan:
@@ -210,11 +223,26 @@ def _new_plan(opts: StudyOptions, tracking_uri: str, name: str) -> StudyPlan:
             f"--name: the Optuna storage {optuna_store.redact(storage_url)} already holds a study "
             f"named {name!r} (from a deleted MLflow store?); pick another name or delete it "
             f"with: optuna delete-study --study-name {name} --storage {optuna_store.redact(storage_url)}")
+    objectives = parse_objectives(opts.objectives) if opts.objectives else DEFAULT_OBJECTIVES
     plan = StudyPlan(space, _study_config(opts, space), sampler,
                      resolve_scheduler(opts.scheduler, sampler, repeats), seed, repeats,
                      opts.trials or 12, opts.max_concurrent or 2, opts.cpus_per_trial or 1.0,
-                     opts.gpus_per_trial, storage_url)
+                     opts.gpus_per_trial, storage_url, objectives=objectives)
+    _check_objectives(plan)
     return plan
+
+
+def _check_objectives(plan: StudyPlan) -> None:
+    """Latency and size are measured only with train.measure_latency on: a study optimising
+    them with it off would fail every trial (an objective missing) after training it."""
+    from tuning.objectives import SERVING_OBJECTIVES
+    from tuning.samplers import is_multi_objective
+
+    served = [o for o in plan.objectives if o in SERVING_OBJECTIVES]
+    if is_multi_objective(plan.sampler) and served and not plan.base.train.measure_latency:
+        raise HPNInputError(f"--objectives {','.join(served)}: trials measure latency and size "
+                            "only with train.measure_latency=true; drop --set "
+                            "train.measure_latency=false (or those objectives)")
 
 
 def _claim_name(plan: StudyPlan, name: str) -> None:
@@ -224,12 +252,14 @@ def _claim_name(plan: StudyPlan, name: str) -> None:
     kill during the encode would otherwise leave a name claimed with no run to resume. The
     directions are the ones _run_leg's searcher optimises (Ray's OptunaSearch keeps what is
     stored): the task's primary metric in its direction (val_accuracy up, val_mae down) and,
-    for a multi-objective sampler, peak memory down."""
+    for a multi-objective sampler, each of its objectives (peak memory by default) down."""
     from tuning.samplers import is_multi_objective
 
     assert plan.optuna_storage is not None, "every new study has an Optuna storage"
     primary = "maximize" if study_spec(plan.base).mode == "max" else "minimize"
-    directions = [primary, "minimize"] if is_multi_objective(plan.sampler) else [primary]
+    extra = getattr(plan, "objectives", DEFAULT_OBJECTIVES)
+    directions = ([primary] + ["minimize"] * len(extra) if is_multi_objective(plan.sampler)
+                  else [primary])
     if not optuna_store.claim_study(optuna_store.open_storage(plan.optuna_storage), name, directions):
         shown = optuna_store.redact(plan.optuna_storage)
         raise HPNInputError(
@@ -240,9 +270,10 @@ def _claim_name(plan: StudyPlan, name: str) -> None:
 
 
 def _resume_plan(opts: StudyOptions, parent_run: Any) -> StudyPlan:
-    """A resumed study keeps its space, config, sampler, scheduler, seed and repeats;
-    `--trials N` above its recorded count extends it to N trials in all."""
+    """A resumed study keeps its space, config, sampler, objectives, scheduler, seed and
+    repeats; `--trials N` above its recorded count extends it to N trials in all."""
     from hpn.config import from_dict
+    from tuning.samplers import is_multi_objective
 
     tags = parent_run.data.tags
     name = tags[tracking.STUDY_TAG]
@@ -271,11 +302,18 @@ def _resume_plan(opts: StudyOptions, parent_run: Any) -> StudyPlan:
                              recorded(tracking.GPUS_PER_TRIAL_TAG, float, opts.gpus_per_trial)),
         "--sampler": (opts.sampler, tags[tracking.SAMPLER_TAG]),
         "--scheduler": (opts.scheduler, tags[tracking.SCHEDULER_TAG]),
+        # a multi-objective study from before --objectives optimised memory
+        "--objectives": (opts.objectives and ",".join(parse_objectives(opts.objectives)),
+                         tags.get(tracking.OBJECTIVES_TAG, ",".join(DEFAULT_OBJECTIVES))
+                         if is_multi_objective(tags[tracking.SAMPLER_TAG]) else None),
     }
     for flag, (given, study) in held.items():
         if given is not None and study is not None and given != study:
             raise HPNInputError(f"--resume: {flag} {given} differs from the study's {study}; "
                                 f"drop {flag} to resume the study as it was")
+    if opts.objectives and held["--objectives"][1] is None:
+        raise HPNInputError(f"--objectives: study {name!r} optimises one metric (sampler "
+                            f"{tags[tracking.SAMPLER_TAG]}); drop --objectives to resume it")
     space = load_space(tags[tracking.SPACE_FILE_TAG])
     base = from_dict(json.loads(tags[tracking.BASE_CONFIG_TAG]))
     if opts.space or opts.config or opts.overrides:
@@ -299,10 +337,12 @@ def _resume_plan(opts: StudyOptions, parent_run: Any) -> StudyPlan:
         grid = tags[tracking.SAMPLER_TAG] == "grid"
         legs = (Leg(name, min(trials, grid_size(space)) if grid else trials),)
     value = {flag: study for flag, (_, study) in held.items()}
+    objectives = (parse_objectives(value["--objectives"]) if value["--objectives"]
+                  else DEFAULT_OBJECTIVES)
     return StudyPlan(space, base, value["--sampler"], value["--scheduler"], value["--seed"],
                      value["--repeats"], opts.trials if extend else trials,
                      value["--max-concurrent"], value["--cpus-per-trial"],
-                     value["--gpus-per-trial"], storage_url, legs)
+                     value["--gpus-per-trial"], storage_url, legs, objectives)
 
 
 def _recorded_storage(opts: StudyOptions, tags: dict[str, str]) -> str | None:
@@ -561,6 +601,8 @@ def _open_parent(client: Any, experiment_id: str, parent: str | None, name: str,
                  plan: StudyPlan, gpus: float, data: Any) -> str:
     """The study's parent run: created with what the study runs with, or reopened after
     checking that the data did not change."""
+    from tuning.samplers import is_multi_objective
+
     if parent is not None:
         stored = client.get_run(parent).data.tags.get(tracking.FINGERPRINT_TAG)
         if stored != data.fingerprint:
@@ -585,6 +627,8 @@ def _open_parent(client: Any, experiment_id: str, parent: str | None, name: str,
     }
     if plan.optuna_storage:
         tags[tracking.OPTUNA_STORAGE_TAG] = optuna_store.redact(plan.optuna_storage)
+    if is_multi_objective(plan.sampler):
+        tags[tracking.OBJECTIVES_TAG] = ",".join(plan.objectives)
     parent = tracking.create_study_run(
         client, experiment_id, name, tags,
         # Only what the study fixed: a searched key's default would read as the study's value.
@@ -609,18 +653,20 @@ def _run_leg(client: Any, experiment_id: str, parent: str, name: str, tracking_u
     # Each extension gets its own sampler seed: a seeded random sampler would otherwise
     # propose the first experiment's configs again.
     sampler = make_sampler(plan.sampler, plan.seed + index, plan.space)
-    memory_metric = M.PEAK_VRAM_MB if gpus > 0 else M.PEAK_RSS_MB
+    extra = objective_metrics(plan.objectives, gpus) if multi else []
     ctx = ray_tune.StudyContext(name, tracking_uri, experiment_id, parent, plan.base.to_dict(),
                                 gpus, tuple(plan.space.keys()),
                                 trial_offset=sum(x.trials for x in legs[:index]) * plan.repeats,
                                 dataset=tracking.corpus_dataset(plan.base.data, data),
                                 outbox=outbox_dir(storage, name),
-                                http_retries=tuple((k, os.environ[k]) for k in tracking.HTTP_RETRY_DEFAULTS))
+                                http_retries=tuple((k, os.environ[k]) for k in tracking.HTTP_RETRY_DEFAULTS),
+                                final_only=tuple(m for m in extra if m in M.LATENCY_METRICS))
     settings = ray_tune.TuneSettings(
         trials=leg.trials, max_concurrent=plan.max_concurrent, cpus_per_trial=plan.cpus_per_trial,
         gpus_per_trial=gpus, scheduler=plan.scheduler, storage_path=storage,
-        metric=[spec.primary, memory_metric] if multi else spec.primary,
-        mode=[spec.mode, "min"] if multi else spec.mode, epochs=plan.base.train.epochs,
+        metric=[spec.primary, *extra] if multi else spec.primary,
+        mode=[spec.mode] + ["min"] * len(extra) if multi else spec.mode,
+        epochs=plan.base.train.epochs,
         repeats=plan.repeats, experiment=leg.name, optuna_storage=plan.optuna_storage,
         optuna_study=name,
     )
@@ -676,13 +722,13 @@ def _finish(client: Any, experiment_id: str, parent: str, name: str, plan: Study
     trials_df = tracking.trials_frame(client, experiment_id, parent)
     best = best_config(trials_df, spec.primary, spec.mode, spec.test_primary)
     gpus = float(client.get_run(parent).data.tags.get(tracking.GPUS_PER_TRIAL_TAG, "0") or 0)
-    memory_metric = (M.PEAK_VRAM_MB if gpus > 0 else M.PEAK_RSS_MB) \
-        if is_multi_objective(plan.sampler) else None
+    objectives = ([spec.primary, *objective_metrics(plan.objectives, gpus)]
+                  if is_multi_objective(plan.sampler) else None)
     optuna_study = None
     if plan.optuna_storage:
         optuna_study = optuna_store.load_study(optuna_store.open_storage(plan.optuna_storage), name)
     _write_reports(client, parent, trials_df, plan.space, plan.base, data, best, tracking_uri,
-                   memory_metric, optuna_study, spec)
+                   objectives, optuna_study, spec)
     wall = tracking.log_study_wall(client, parent, session_started)
     states = trials_df["state"].value_counts().to_dict() if not trials_df.empty else {}
     summary: dict[str, Any] = {
@@ -773,12 +819,14 @@ def resume_command(opts: StudyOptions, name: str, extend_to: int | None = None) 
 
 
 def _write_reports(client: Any, parent: str, trials_df: pd.DataFrame, space: Any, base: Any,
-                   data: Any, best: Any, tracking_uri: str, memory_metric: str | None,
+                   data: Any, best: Any, tracking_uri: str, objectives: list[str] | None,
                    optuna_study: Any, spec: TaskSpec | None = None) -> None:
     """The study report (report/: Optuna's plots of the study, our heatmap and edge report,
-    plots.json saying which plot was skipped and why), the seed project's outputs
-    (report/seed/) and the resolved config, as artifacts of the parent run."""
-    from tuning.report import write_optuna_plots, write_study_report
+    with latency as an objective the primary-vs-latency front per runtime, plots.json saying
+    which plot was skipped and why), the seed project's outputs (report/seed/) and the
+    resolved config, as artifacts of the parent run. `objectives`: a multi-objective study's
+    metrics, its primary first (None: one objective)."""
+    from tuning.report import write_latency_front, write_optuna_plots, write_study_report
     from tuning.seed_report import write_seed_report
 
     spec = spec or study_spec(base)
@@ -793,9 +841,12 @@ def _write_reports(client: Any, parent: str, trials_df: pd.DataFrame, space: Any
                           stacklevel=1)
     with tempfile.TemporaryDirectory() as tmp:
         write_study_report(plotted, tmp, spec.primary, _searched_ranges(space), spec.mode)
+        plots: dict[str, str] = {}
         if optuna_study is not None:  # None: a study from before the Optuna storage
-            plots = write_optuna_plots(optuna_study, tmp, spec.primary,
-                                       [spec.primary, memory_metric] if memory_metric else None)
+            plots = write_optuna_plots(optuna_study, tmp, spec.primary, objectives)
+        if objectives and M.LATENCY_P50_MS in objectives:
+            plots.update(write_latency_front(trials_df, tmp, spec.primary, spec.mode))
+        if plots:
             (Path(tmp) / "plots.json").write_text(json.dumps(plots, indent=2))
         write_seed_report(trials_df, space.keys(), Path(tmp) / "seed", tsne, spec.name)
         client.log_artifacts(parent, tmp, "report")

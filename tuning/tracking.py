@@ -57,6 +57,8 @@ TASK_TAG = "hpn.task"
 #: which encoder runtime (torch | onnx | onnx-int8) produced the embeddings a trial trained on
 ENCODER_RUNTIME_TAG = "hpn.encoder_runtime"
 # What a study was started with, so `--resume --name S` continues it as it was.
+#: a multi-objective study's objectives beside the task's primary (--objectives: memory,latency,...)
+OBJECTIVES_TAG = "hpn.objectives"
 TRIALS_TAG = "hpn.trials"
 MAX_CONCURRENT_TAG = "hpn.max_concurrent"
 CPUS_PER_TRIAL_TAG = "hpn.cpus_per_trial"

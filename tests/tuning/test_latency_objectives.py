@@ -1,0 +1,140 @@
+"""Latency and size as study objectives: a real nsga2 study trading accuracy against them,
+searching the encoder runtime; its objectives survive a resume; bad flags exit 2."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from hpn import metrics as M
+from hpn.errors import HPNInputError
+from tuning.cli import main
+from tuning.report import LATENCY_FRONT_FILE, latency_front_data, pareto_mask
+from tuning.study import StudyOptions, _resume_plan, run_study
+from tuning.tracking import ENCODER_RUNTIME_TAG, OBJECTIVES_TAG, STATE_TAG, trial_runs
+
+SPACE = """\
+# Accuracy against serving cost.
+#
+# Scientific: encoder.runtime (torch | onnx-int8).
+# Nuisance: model.prototype_dim.
+# Fixed: train.epochs 2.
+encoder.runtime: {type: categorical, choices: [torch, onnx-int8]}
+model.prototype_dim: {type: int, low: 8, high: 32, log: true}
+train.epochs: 2
+"""
+
+
+def options(tmp_path, cache_dir, tracking_uri, **kw) -> StudyOptions:
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    return StudyOptions(
+        space=str(space), trials=kw.pop("trials", 4), name="lat",
+        overrides=["data.size=600", f"encoder.cache_dir={cache_dir}"],
+        tracking_uri=tracking_uri, storage_path=str(tmp_path / "ray"),
+        optuna_storage=f"sqlite:///{tmp_path / 'optuna.db'}", max_concurrent=2,
+        sampler="nsga2", objectives="latency,size", register=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, cache_dir, mlflow_server, ray_runtime):
+    tmp = tmp_path_factory.mktemp("latency_study")
+    summary = run_study(options(tmp, cache_dir, mlflow_server, seed=3))
+    return tmp, summary, MlflowClient(mlflow_server)
+
+
+def test_each_completed_trial_logs_positive_latency_and_size_and_its_runtime(study):
+    _, summary, client = study
+    experiment = client.get_experiment_by_name("hpn-tune").experiment_id
+    runs = trial_runs(client, experiment, summary["parent_run_id"])
+    done = [r for r in runs if r.data.tags[STATE_TAG] == "completed"]
+    assert len(done) == summary["trials_completed"] >= 3
+    for run in done:
+        m = run.data.metrics
+        assert m[M.LATENCY_P50_MS] > 0 and m[M.LATENCY_P95_MS] >= m[M.LATENCY_P50_MS]
+        assert m[M.THROUGHPUT_B64] > 0 and m[M.MODEL_SIZE_MB] > 0 and m[M.HEAD_PARAMS] > 0
+        runtime = run.data.params["encoder.runtime"]
+        assert run.data.tags[ENCODER_RUNTIME_TAG] == runtime
+        # int8 weights are about a quarter of the fp32 encoder's
+        assert (m[M.MODEL_SIZE_MB] < 40) == (runtime == "onnx-int8")
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.data.tags[OBJECTIVES_TAG] == "latency,size"
+
+
+def test_the_optuna_study_optimises_three_objectives_with_the_trials_values(study):
+    tmp, summary, client = study
+    ot = optuna.load_study(study_name="lat", storage=f"sqlite:///{tmp / 'optuna.db'}")
+    D = optuna.study.StudyDirection
+    assert ot.directions == [D.MAXIMIZE, D.MINIMIZE, D.MINIMIZE]
+    complete = ot.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(complete) == summary["trials_completed"]
+    experiment = client.get_experiment_by_name("hpn-tune").experiment_id
+    by_number = {int(r.data.tags["hpn.optuna_trial"]): r.data.metrics
+                 for r in trial_runs(client, experiment, summary["parent_run_id"])}
+    for trial in complete:
+        m = by_number[trial.number]
+        assert trial.values == pytest.approx(
+            [m[M.VAL_ACCURACY], m[M.LATENCY_P50_MS], m[M.MODEL_SIZE_MB]])
+
+
+def test_the_report_has_the_pareto_front_and_the_latency_front_by_runtime(study):
+    tmp, summary, client = study
+    report = {f.path for f in client.list_artifacts(summary["parent_run_id"], "report")}
+    assert {f"report/{LATENCY_FRONT_FILE}", "report/pareto_front.png"} <= report
+    local = client.download_artifacts(summary["parent_run_id"], "report/plots.json", str(tmp))
+    plots = json.loads(open(local).read())
+    assert plots[LATENCY_FRONT_FILE] == plots["pareto_front.png"] == "written"
+
+
+def test_a_resume_keeps_the_studys_objectives_and_refuses_others(study, mlflow_server):
+    tmp, summary, client = study
+    parent = client.get_run(summary["parent_run_id"])
+    plan = _resume_plan(StudyOptions(name="lat", resume=True, trials=5,
+                                     optuna_storage=f"sqlite:///{tmp / 'optuna.db'}"), parent)
+    assert plan.objectives == ("latency", "size") and plan.sampler == "nsga2"
+    with pytest.raises(HPNInputError, match="--objectives memory differs from the study's latency,size"):
+        _resume_plan(StudyOptions(name="lat", resume=True, trials=5, objectives="memory"), parent)
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["--objectives", "latency"], "--objectives: the tpe sampler optimises the task's metric alone"),
+    (["--sampler", "nsga2", "--objectives", "speed"], "--objectives: unknown objective 'speed'"),
+    (["--sampler", "nsga2", "--objectives", "latency,latency"], "names an objective twice"),
+    (["--sampler", "nsga2", "--objectives", "latency,"], "has an empty name"),
+    (["--sampler", "nsga2", "--objectives", "size", "--set", "train.measure_latency=false"],
+     "--objectives size: trials measure latency and size only with train.measure_latency=true"),
+])
+def test_bad_objectives_exit_2_with_one_line(tmp_path, capsys, argv, named):
+    code = main(["run", "--space", "quick", "--name", "bad", "--tracking-uri",
+                 f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage-path", str(tmp_path / "ray"),
+                 *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and named in err
+    assert not (tmp_path / "ray").exists()
+
+
+def test_the_pareto_mask_keeps_trials_no_other_beats_on_both():
+    value = np.array([0.9, 0.8, 0.85, 0.7, 0.9])
+    lat = np.array([30.0, 10.0, 12.0, 11.0, 35.0])
+    # 0.7 at 11 ms loses to 0.8 at 10 ms; 0.9 at 35 ms to 0.9 at 30 ms
+    assert pareto_mask(value, lat).tolist() == [True, True, True, False, False]
+    # an error metric: lower is better
+    assert pareto_mask(value, lat, "min").tolist() == [False, False, False, True, False]
+
+
+def test_the_latency_front_keeps_completed_trials_by_runtime_with_each_runtimes_front():
+    trials = pd.DataFrame({
+        "state": ["completed"] * 4 + ["pruned"],
+        "params.encoder.runtime": ["torch", "torch", "onnx-int8", "onnx-int8", "torch"],
+        M.VAL_ACCURACY: [0.9, 0.8, 0.85, 0.84, 0.99],
+        M.LATENCY_P50_MS: [30.0, 32.0, 10.0, 11.0, 1.0],
+        "run_name": ["t1", "t2", "t3", "t4", "t5"],
+    })
+    d = latency_front_data(trials, M.VAL_ACCURACY)
+    assert d.run_name == ["t1", "t2", "t3", "t4"]  # the pruned trial is no point
+    assert d.pareto.tolist() == [True, False, True, False]
+    assert d.runtime_pareto.tolist() == [True, False, True, False]
