@@ -1,20 +1,30 @@
-"""What serving a champion costs: the pyfunc in-process and over HTTP, against a bare encoder.
+"""What serving a champion costs, per encoder runtime: pyfunc in-process and over HTTP, against a bare encoder.
 
-Self-contained: trains a small HPN on the synthetic corpus, logs it as our pyfunc to a
-temporary SQLite store, registers and promotes it, then times three paths on the same texts:
+Self-contained: trains a small HPN on the synthetic corpus for each encoder runtime
+(`encoder.runtime` torch, onnx, onnx-int8: a model trained on that runtime's embeddings, which
+it also predicts with), logs each as our pyfunc to a temporary SQLite store (the torch one
+registered and promoted to @champion), exports the torch model as whole-model ONNX graphs
+(`hpn.export.export_model`, fp32 and int8, checked against the model and logged as pyfuncs that
+serve through the graph), then times three paths per model on the same texts:
 
-  (a) pyfunc   `tuning.serving.load_model("models:/<name>@champion", uri).predict(frame)`
-               (the verified loader every hpn-tune command uses; a PyFuncModel)
-  (b) HTTP     `hpn-tune serve` (MLflow's scoring app in-process on that model, behind the
-               body cap and text check), POST /invocations over keep-alive
-  (c) bare     the same encoder as plain `transformers.AutoModel` + mean pooling +
-               an (untrained) `torch.nn.Linear`: the floor any text classifier on this
-               encoder pays, so (a) - (c) is our overhead and (b) - (a) the server's.
+  (a) pyfunc   `tuning.serving.load_model(uri).predict(frame)` (the verified loader every
+               hpn-tune command uses; a PyFuncModel)
+  (b) HTTP     `hpn-tune serve` (MLflow's scoring app in its own process on that model, behind
+               the body cap and text check), POST /invocations over keep-alive
+  (c) bare     the floor any text classifier on that encoder pays: tokenizer + the encoder
+               (torch: plain `transformers.AutoModel` + mean pooling; onnx, onnx-int8: the
+               same cached encoder graph on ONNX Runtime) + an untrained linear layer; for an
+               exported graph, the graph itself on ONNX Runtime. So (a) - (c) is our overhead
+               and (b) - (a) the server's.
 
-    .venv/bin/python bench/serving.py [--latency-reps 40] [--reps 40 6 2]
+    .venv/bin/python bench/serving.py [--runtimes torch onnx onnx-int8] [--exports onnx onnx-int8]
+        [--latency-reps 40] [--reps 40 6 2] [--size 1200] [--epochs 6] [--json PATH]
 
-Latency is one text per call (p50 / p95 over --latency-reps calls after warm-up);
-throughput is texts/s at batch 1, 32 and 256 (--reps calls each).
+Latency is one text per call (p50 / p95 over --latency-reps calls after warm-up); throughput
+is texts/s at batch 1, 32 and 256 (--reps calls each). Every path of every model is timed
+round-robin, so a burst of load on a shared machine hits all of them alike. The summary table
+puts each model's numbers side by side with the issue's serving targets (HTTP p50 <= 10 ms
+for one text, >= 600 texts/s at batch 256 over HTTP) and its ratios to the torch model.
 """
 from __future__ import annotations
 
@@ -29,6 +39,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,47 +53,95 @@ import torch
 from hpn.config import DEFAULT_ENCODER, load_config
 from hpn.data import load_corpus
 from hpn.encode import resolve_encoder
+from hpn.runtimes import ONNX, ONNX_INT8, RUNTIMES, TORCH
 from hpn.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "hpn-bench"
 BATCHES = (1, 32, 256)
+EXPORTS = (ONNX, ONNX_INT8)  # whole-model graph formats (hpn.export)
+#: The issue's serving targets (issue 13): one text over HTTP, and throughput at batch 256.
+TARGET_P50_MS, TARGET_TPS, TARGET_BATCH = 10.0, 600.0, 256
 Predict = Callable[[list[str]], list[str]]
 
 
-# -- set-up: a champion in a temporary registry ----------------------------------------------
+@dataclass
+class Served:
+    """One model the bench serves: how it was made, where it is, and its bare floor."""
 
-def make_champion(workdir: Path) -> tuple[str, list[str], int]:
-    """Train, log, register and promote; returns (tracking URI, texts to score, classes)."""
+    name: str  # the row: the encoder runtime, or "export onnx" / "export onnx-int8"
+    uri: str  # what load_model and `serve --model` take
+    floor: Callable[[], Predict]  # builds path (c)
+    floor_name: str
+    note: str = ""  # test accuracy, or an export's agreement with the model
+    paths: dict[str, str] = field(default_factory=dict)  # (a), (b), (c) -> path name
+
+
+# -- set-up: the models in a temporary registry ----------------------------------------------
+
+def make_models(workdir: Path, runtimes: list[str], exports: list[str], size: int,
+                epochs: int) -> tuple[str, list[str], list[Served]]:
+    """Train (one model per runtime, and torch for the exports), log, register and promote
+    the torch model, export; returns (tracking URI, texts to score, the models to serve)."""
     from mlflow.tracking import MlflowClient
 
     from tuning.pyfunc import log_pyfunc
     from tuning.registry import promote, register_run
     from tuning.tracking import ensure_experiment
 
-    cfg = load_config(None, ["data.size=1200", f"encoder.cache_dir={workdir / 'cache'}",
-                             "model.prototype_dim=32", "train.epochs=6"])
-    result = train(cfg)
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     client = MlflowClient(uri, uri)
-    run_id = client.create_run(ensure_experiment(client, "bench", uri)).info.run_id
-    for key, value in cfg.to_flat().items():
-        client.log_param(run_id, key, str(value))
-    for key, value in result.metrics.items():
-        client.log_metric(run_id, key, float(value))
-    log_pyfunc(client, run_id, result.model)
-    register_run(client, run_id, MODEL_NAME)
-    promote(client, MODEL_NAME)
-    texts = load_corpus(cfg.data).texts  # personas of every length, as requests would be
-    return uri, texts, len(result.model.label_names)
+    experiment = ensure_experiment(client, "bench", uri)
+    served, texts, trained = [], [], {}
+    for runtime in dict.fromkeys([*runtimes, *([TORCH] if exports else [])]):
+        cfg = load_config(None, [f"data.size={size}", f"encoder.cache_dir={workdir / 'cache'}",
+                                 "model.prototype_dim=32", f"train.epochs={epochs}",
+                                 f"encoder.runtime={runtime}"])
+        result = train(cfg)
+        run_id = client.create_run(experiment, run_name=f"bench-{runtime}").info.run_id
+        for key, value in cfg.to_flat().items():
+            client.log_param(run_id, key, str(value))
+        for key, value in result.metrics.items():
+            client.log_metric(run_id, key, float(value))
+        model_uri = log_pyfunc(client, run_id, result.model)
+        if runtime == TORCH:  # the registry path, as a promoted champion is served
+            register_run(client, run_id, MODEL_NAME)
+            promote(client, MODEL_NAME)
+            model_uri = f"models:/{MODEL_NAME}@champion"
+        texts = load_corpus(cfg.data).texts  # personas of every length, as requests would be
+        trained[runtime] = (client, run_id, result.model)
+        classes = len(result.model.label_names)
+        if runtime in runtimes:
+            accuracy = result.metrics.get("test_accuracy")
+            served.append(Served(
+                runtime, model_uri,
+                (lambda c=classes: bare_path(c)) if runtime == TORCH
+                else (lambda c=classes, e=cfg.encoder: bare_onnx_path(e, c)),
+                "bare AutoModel + mean pool + Linear" if runtime == TORCH
+                else f"bare {runtime} encoder graph (ORT) + Linear",
+                f"test acc {accuracy:.3f}" if accuracy is not None else ""))
+    for fmt in exports:
+        from hpn.export import ExportMismatch, check_graph, export_model
+
+        client, run_id, model = trained[TORCH]
+        graph = export_model(model, int8=fmt == ONNX_INT8)
+        try:  # `hpn-tune export` would refuse it; the bench still times it, saying so
+            note = f"export of the torch model: {check_graph(model, graph, fmt == ONNX_INT8).summary()}"
+        except ExportMismatch as exc:
+            note = f"export of the torch model, FAILS its check: {str(exc).split(': ', 1)[-1]}"
+        served.append(Served(
+            f"export {fmt}", log_pyfunc(client, run_id, model, graph, fmt),
+            lambda g=graph, e=model.encoder_cfg: bare_graph_path(g, e),
+            "bare whole-model graph (ORT)", note))
+    return uri, texts, served
 
 
 # -- the three paths -------------------------------------------------------------------------
 
-def pyfunc_path(uri: str) -> Predict:
+def pyfunc_path(uri: str, model_uri: str = f"models:/{MODEL_NAME}@champion") -> Predict:
     from tuning.serving import load_model
 
-    model = load_model(f"models:/{MODEL_NAME}@champion", uri)
+    model = load_model(model_uri, uri)
     return lambda texts: model.predict(pd.DataFrame({"text": texts}))["label"].tolist()
 
 
@@ -104,15 +163,44 @@ def bare_path(num_classes: int) -> Predict:
     return predict
 
 
+def bare_onnx_path(encoder_cfg, num_classes: int) -> Predict:
+    """The runtime's cached encoder graph (transformer + mean pooling) on ONNX Runtime, as
+    `hpn.runtimes.OnnxTextEncoder` runs it, and an untrained linear layer in numpy."""
+    from hpn.runtimes import OnnxTextEncoder
+
+    encoder = OnnxTextEncoder(encoder_cfg, encoder_cfg.runtime)
+    weight = np.random.default_rng(0).standard_normal((encoder.width, num_classes)).astype(np.float32)
+    return lambda texts: [str(i) for i in (encoder.embed_batch(texts) @ weight).argmax(1)]
+
+
+def bare_graph_path(graph: bytes, encoder_cfg) -> Predict:
+    """A whole-model graph on ONNX Runtime: tokenizer, `session.run`, argmax of `scores`."""
+    from transformers import AutoTokenizer
+
+    from hpn.runtimes import session
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_encoder(encoder_cfg.name))
+    ort = session(graph)
+
+    def predict(texts: list[str]) -> list[str]:
+        batch = tokenizer(texts, padding=True, truncation=True,
+                          max_length=encoder_cfg.max_length, return_tensors="np")
+        feeds = {k: batch[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
+        return [str(i) for i in ort.run(["scores"], feeds)[0].argmax(1)]
+
+    return predict
+
+
 class Server:
     """`hpn-tune serve` in its own process group, so stopping it ends anything it started."""
 
-    def __init__(self, uri: str, port: int, log: Path) -> None:
+    def __init__(self, uri: str, port: int, log: Path,
+                 model_uri: str = f"models:/{MODEL_NAME}@champion") -> None:
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         with open(log, "w") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "tuning.cli", "serve", "--model",
-                 f"models:/{MODEL_NAME}@champion", "--tracking-uri", uri, "--port", str(port)],
+                 model_uri, "--tracking-uri", uri, "--port", str(port)],
                 stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
         self.port, self.log = port, log
 
@@ -206,33 +294,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(latency_reps: int, reps: dict[int, int]) -> None:
+def run(latency_reps: int, reps: dict[int, int], runtimes: list[str], exports: list[str],
+        size: int, epochs: int, json_path: str | None = None) -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        uri, texts, num_classes = make_champion(workdir)
+        uri, texts, served = make_models(workdir, runtimes, exports, size, epochs)
         setup_s = time.perf_counter() - started
 
-        server = Server(uri, _free_port(), workdir / "serve.log")
+        servers = [Server(uri, _free_port(), workdir / f"serve-{i}.log", s.uri)
+                   for i, s in enumerate(served)]
         try:
             t0 = time.perf_counter()
-            server.wait()
+            for server in servers:  # started together: they load in parallel
+                server.wait()
             start_s = time.perf_counter() - t0
-            pyfunc, http_predict = pyfunc_path(uri), server.predictor()
+            paths: dict[str, Predict] = {}
             probe = texts[:16]
-            assert http_predict(probe) == pyfunc(probe), "HTTP and in-process labels differ"
-            rows = measure({
-                "(a) pyfunc load_model(...).predict": pyfunc,
-                "(b) HTTP /invocations (hpn-tune serve)": http_predict,
-                "(c) bare AutoModel + mean pool + Linear": bare_path(num_classes),
-            }, texts, latency_reps, reps)
+            for s, server in zip(served, servers):
+                pyfunc, http_predict = pyfunc_path(uri, s.uri), server.predictor()
+                assert http_predict(probe) == pyfunc(probe), f"{s.name}: HTTP and in-process labels differ"
+                s.paths = {"a": f"{s.name}: (a) pyfunc load_model(...).predict",
+                           "b": f"{s.name}: (b) HTTP /invocations (hpn-tune serve)",
+                           "c": f"{s.name}: (c) {s.floor_name}"}
+                paths.update({s.paths["a"]: pyfunc, s.paths["b"]: http_predict,
+                              s.paths["c"]: s.floor()})
+            rows = measure(paths, texts, latency_reps, reps)
         finally:
-            server.stop()
+            for server in servers:
+                server.stop()
 
-    print(f"CPU: {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads; "
-          f"load average {os.getloadavg()[0]:.1f} at the end; encoder all-MiniLM-L6-v2, max 128 tokens")
-    print(f"set-up (train + log + register + promote) {setup_s:.0f} s; scoring server ready in "
-          f"{start_s:.0f} s; paths timed round-robin; latency over {latency_reps} single-text calls; "
+    print(f"CPU: {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads "
+          f"(ONNX Runtime as many); load average {os.getloadavg()[0]:.1f} at the end; encoder "
+          "all-MiniLM-L6-v2, max 128 tokens")
+    print(f"set-up (train {size} texts x {epochs} epochs per runtime + log + register + promote "
+          f"+ export) {setup_s:.0f} s; {len(servers)} scoring servers ready in {start_s:.0f} s; "
+          f"paths timed round-robin; latency over {latency_reps} single-text calls; "
           "throughput over " + ", ".join(f"{n} x batch {b}" for b, n in reps.items()))
     print()
     print("| path | p50 ms (1 text) | p95 ms (1 text) | " + " | ".join(f"texts/s @{b}" for b in reps) + " |")
@@ -240,7 +337,54 @@ def run(latency_reps: int, reps: dict[int, int]) -> None:
     for name, r in rows.items():
         print(f"| {name} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
               + " | ".join(f"{r[f'tps_{b}']:.1f}" for b in reps) + " |")
+    print()
+    summary = summarise(served, rows, reps)
+    print_summary(summary, reps)
+    if json_path:
+        Path(json_path).write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
+
+
+def summarise(served: list[Served], rows: dict[str, dict[str, float]],
+              reps: dict[int, int]) -> list[dict[str, object]]:
+    """One entry per model: its three paths' numbers, overheads, ratios to the torch model
+    (or the first served) and whether it meets the serving targets."""
+    big = max(reps)
+    out = []
+    for s in served:
+        a, b, c = (rows[s.paths[k]] for k in "abc")
+        out.append({
+            "model": s.name, "note": s.note,
+            "pyfunc_p50_ms": a["p50_ms"], "pyfunc_p95_ms": a["p95_ms"],
+            "http_p50_ms": b["p50_ms"], "http_p95_ms": b["p95_ms"], "bare_p50_ms": c["p50_ms"],
+            "ours_ms": a["p50_ms"] - c["p50_ms"], "server_ms": b["p50_ms"] - a["p50_ms"],
+            f"pyfunc_tps_{big}": a[f"tps_{big}"], f"http_tps_{big}": b[f"tps_{big}"],
+            f"bare_tps_{big}": c[f"tps_{big}"]})
+    base = next((e for e in out if e["model"] == TORCH), out[0] if out else None)
+    for e in out:
+        e["http_p50_speedup"] = base["http_p50_ms"] / e["http_p50_ms"]
+        e[f"http_tps_{big}_ratio"] = e[f"http_tps_{big}"] / base[f"http_tps_{big}"]
+        e["meets_p50"] = e["http_p50_ms"] <= TARGET_P50_MS
+        e["meets_tps"] = big == TARGET_BATCH and e[f"http_tps_{big}"] >= TARGET_TPS
+    return out
+
+
+def print_summary(summary: list[dict[str, object]], reps: dict[int, int]) -> None:
+    big = max(reps)
+    base = next((e["model"] for e in summary if e["model"] == TORCH), summary[0]["model"])
+    mark = {True: "yes", False: "no"}
+    print(f"| model | pyfunc p50 / p95 ms | HTTP p50 / p95 ms | bare p50 ms | ours (a-c) ms | "
+          f"server (b-a) ms | texts/s @{big} pyfunc | HTTP | bare | HTTP p50 x vs {base} | "
+          f"HTTP @{big} x vs {base} | HTTP p50 <= {TARGET_P50_MS:g} ms | HTTP >= {TARGET_TPS:g}/s "
+          f"@{TARGET_BATCH} | |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|:-:|---|")
+    for e in summary:
+        print(f"| {e['model']} | {e['pyfunc_p50_ms']:.1f} / {e['pyfunc_p95_ms']:.1f} | "
+              f"{e['http_p50_ms']:.1f} / {e['http_p95_ms']:.1f} | {e['bare_p50_ms']:.1f} | "
+              f"{e['ours_ms']:+.1f} | {e['server_ms']:+.1f} | {e[f'pyfunc_tps_{big}']:.0f} | "
+              f"{e[f'http_tps_{big}']:.0f} | {e[f'bare_tps_{big}']:.0f} | "
+              f"{e['http_p50_speedup']:.2f} | {e[f'http_tps_{big}_ratio']:.2f} | "
+              f"{mark[e['meets_p50']]} | {mark[e['meets_tps']]} | {e['note']} |")
 
 
 if __name__ == "__main__":
@@ -248,5 +392,22 @@ if __name__ == "__main__":
     ap.add_argument("--latency-reps", type=int, default=40)
     ap.add_argument("--reps", type=int, nargs=3, default=[40, 6, 2], metavar=("B1", "B32", "B256"),
                     help="calls timed at batch 1, 32 and 256")
+    ap.add_argument("--runtimes", nargs="*", default=list(RUNTIMES), choices=RUNTIMES,
+                    help="encoder runtimes to train a model on and serve (default: all)")
+    ap.add_argument("--exports", nargs="*", default=None, choices=EXPORTS,
+                    help="whole-model ONNX graphs of the torch model to serve (default: both "
+                         "when hpn.export is installed; give none for none)")
+    ap.add_argument("--size", type=int, default=1200, help="synthetic personas to train on")
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--json", dest="json_path", help="also write every number to this file")
     args = ap.parse_args()
-    run(args.latency_reps, dict(zip(BATCHES, args.reps)))
+    if args.exports is None:
+        try:
+            import hpn.export  # noqa: F401
+            args.exports = list(EXPORTS)
+        except ImportError:
+            args.exports = []
+    if not args.runtimes and not args.exports:
+        ap.error("--runtimes / --exports: give at least one model to serve")
+    run(args.latency_reps, dict(zip(BATCHES, args.reps)), args.runtimes, args.exports,
+        args.size, args.epochs, args.json_path)

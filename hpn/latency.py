@@ -17,8 +17,10 @@ What is held fixed, so trials compare with each other and not with the box's moo
 Metrics (names in hpn/metrics.py): p50 and p95 milliseconds of one text over `calls` calls
 after `warmup` calls; texts per second for batches of BATCH_SIZE; the served model's size in
 MiB (encoder weights in its runtime's form plus the head's state) and the head's nonzero
-trainable parameters. Cost on a loaded 2-core box: about 0.5-2.5 s per trial (torch the
-slowest), most of it the one batch of 64.
+trainable parameters. Cost measured on a busy 2-core box: 0.55 s (onnx-int8), 0.8 s (onnx),
+1.1 s (torch) per measurement, most of it the one batch of 64, plus one encoder load per
+process (0.3 s int8 to 4 s torch). The held encoder stays resident: a trial's peak_rss_mb
+includes it (trial_fn loads it before training, so every trial's peak does alike).
 """
 from __future__ import annotations
 

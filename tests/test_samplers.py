@@ -58,7 +58,8 @@ def test_every_sampler_proposes_valid_dotted_configs_through_rays_optuna_search(
     space = load_space(resolve_space_path(space_name))
     for config in run(searcher(name, space), n=15):
         assert isinstance(config, dict) and set(config) <= set(known_keys())
-        assert set(space.keys()) - {"train.separation_weight"} <= set(config)
+        conditional = {p.key for p in space.params if p.when}  # e.g. train.separation_weight
+        assert set(space.keys()) - conditional <= set(config)
         assert set(space.constants.items()) <= set(config.items())
         Config().with_updates(config)
 
