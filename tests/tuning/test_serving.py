@@ -294,3 +294,17 @@ def test_hpn_tune_serve_on_a_port_in_use_is_one_line_and_exit_2(capsys):
                      "--port", str(busy.getsockname()[1])])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("hpn-tune serve: error: --port")
+
+
+def test_the_served_socket_sends_answers_without_waiting_for_the_clients_ack():
+    """`serve` listens on a TCP socket (proto IPPROTO_TCP) with TCP_NODELAY: asyncio sets
+    TCP_NODELAY on the connections only then. Without it every one-text answer waited about
+    40 ms for the client's delayed ACK (Nagle), four times the encoder's own time."""
+    from tuning import serving
+
+    sock = serving._listen_socket("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        sock.close()
