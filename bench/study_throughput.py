@@ -29,6 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from encode_vs_seed import seed_epoch_seconds  # noqa: E402
+
 from hpn.config import load_config  # noqa: E402
 from hpn.data import load_corpus  # noqa: E402
 from hpn.train import prepare_data  # noqa: E402

@@ -124,10 +124,15 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
 
 
 def encoder_id(cfg: EncoderConfig) -> list:
-    """What an embedding depends on besides its text. The runtime joins only when it is not
-    torch, so caches written before runtimes existed keep their keys."""
+    """What an embedding depends on besides its text. An ONNX runtime adds its graph's key
+    (runtime, export format, torch and onnxruntime versions: another int8 recipe gives other
+    embeddings); torch adds nothing, so caches written before runtimes existed keep their keys."""
     runtime = getattr(cfg, "runtime", "torch")
-    return [cfg.name, cfg.pooling, cfg.max_length] + ([runtime] if runtime != "torch" else [])
+    if runtime == "torch":
+        return [cfg.name, cfg.pooling, cfg.max_length]
+    from hpn.runtimes import graph_key
+
+    return [cfg.name, cfg.pooling, cfg.max_length, runtime, graph_key(cfg, runtime)]
 
 
 def cache_key(cfg: EncoderConfig, texts: Iterable[str]) -> str:

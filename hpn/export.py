@@ -16,6 +16,7 @@ dynamically quantised graph (int8 is lossy by design).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hpn.runtimes import export_torch_module
+from hpn.runtimes import export_torch_module, quantize
 
 if TYPE_CHECKING:
     from hpn.model import HPNClassifier, Prediction
@@ -115,12 +116,7 @@ def quantize_whole(graph: bytes) -> bytes:
     activations, whose outliers per-tensor int8 clips) and the head. Measured on a 600-persona
     classifier: all MatMul/Gather quantised kept the label of 95.7% of the 300 sample texts,
     this 99.7% at 34 MB (fp32 90 MB); hpn.runtimes.quantize_int8 quantises every weight."""
-    import logging
-    import tempfile
-    from pathlib import Path
-
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     proto = onnx.load_from_string(graph)
     shapes = {t.name: tuple(t.dims) for t in proto.graph.initializer}
@@ -130,22 +126,38 @@ def quantize_whole(graph: bytes) -> bytes:
         down = weight is not None and len(weight) == 2 and weight[0] > weight[1]  # (4h, h)
         if down or not node.name.startswith("/encoder/"):
             keep.append(node.name)
-    with tempfile.TemporaryDirectory(prefix="hpn-int8-") as tmp:
-        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        src.write_bytes(graph)
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)  # "Please consider to run pre-processing" on every call
-        try:
-            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
-                             op_types_to_quantize=["MatMul", "Gather"], nodes_to_exclude=keep)
-        finally:
-            root.setLevel(level)
-        return dst.read_bytes()
+    return quantize(graph, op_types_to_quantize=["MatMul", "Gather"], nodes_to_exclude=keep)
 
 
 def graph_sha256(graph: bytes) -> str:
     return hashlib.sha256(graph).hexdigest()
+
+
+def _tensors(graph: Any) -> Iterator[Any]:
+    """Every TensorProto of a graph or function: initializers (sparse ones' values and
+    indices too) and node attributes (Constant values, tensor lists), subgraphs included."""
+    yield from getattr(graph, "initializer", ())
+    for sparse in getattr(graph, "sparse_initializer", ()):
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sparse in ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + list(
+                    attr.sparse_tensors):
+                yield from (sparse.values, sparse.indices)
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _tensors(sub)
+
+
+def _external_tensors(proto: Any) -> Iterator[Any]:
+    """The model's tensors whose data lies in external files, in one pass over the model
+    (its graph, subgraphs and functions): ONNX Runtime would read those files."""
+    from onnx.external_data_helper import uses_external_data
+
+    for graph in [proto.graph, *proto.functions]:
+        yield from (t for t in _tensors(graph) if uses_external_data(t))
 
 
 def graph_problem(graph: bytes) -> str | None:
@@ -157,10 +169,9 @@ def graph_problem(graph: bytes) -> str | None:
         proto = onnx.load_from_string(graph)
     except Exception as exc:  # noqa: BLE001 - any parse failure is the answer
         return f"not an ONNX model ({type(exc).__name__})"
-    external = [t.name for t in proto.graph.initializer
-                if t.data_location == onnx.TensorProto.EXTERNAL]
-    if external:
-        return f"its tensor {external[0]!r} refers to an external data file"
+    external = next(_external_tensors(proto), None)
+    if external is not None:
+        return f"its tensor {external.name!r} refers to an external data file"
     inputs = [i.name for i in proto.graph.input]
     if inputs != list(INPUTS):
         return f"its inputs are {inputs}, not {list(INPUTS)}"

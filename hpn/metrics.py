@@ -37,7 +37,8 @@ THROUGHPUT_B64 = "throughput_b64"
 #: MiB the served model needs: the encoder's weights in its runtime's form (fp32 tensors for
 #: torch, the ONNX graph for onnx / onnx-int8) plus the head(s)' state.
 MODEL_SIZE_MB = "model_size_mb"
-#: Nonzero trainable parameters of the head(s) (a sparse head counts what its mask keeps).
+#: Trainable parameters of the head(s) that can be nonzero: a sparse head counts the weights
+#: its mask keeps (hpn.sparse.head_parameter_count).
 HEAD_PARAMS = "head_params"
 LATENCY_METRICS = (LATENCY_P50_MS, LATENCY_P95_MS, THROUGHPUT_B64, MODEL_SIZE_MB, HEAD_PARAMS)
 

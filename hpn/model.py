@@ -26,7 +26,7 @@ from hpn.config import EncoderConfig, ModelConfig
 from hpn.encode import TextEncoder, embed
 from hpn.losses import cosine_to_value
 from hpn.prototypes import fixed_prototypes, prototype_classes
-from hpn.runtimes import load_encoder
+from hpn.runtimes import graph_digest, load_encoder
 from hpn.sparse import projection
 from hpn.task_metrics import DecisionRule
 from hpn.tasks import CLASSIFICATION, JOINT, MULTILABEL, REGRESSION, TASKS
@@ -143,6 +143,10 @@ class ModelMeta:
     target_high: float | None = None
     target_name: str | None = None
     decision: dict | None = None  # {"kind": "threshold", "threshold": t} | {"kind": "top_k", "k": k}
+    # xxh3 of the ONNX encoder graph the training embeddings came from (encoder.runtime onnx
+    # or onnx-int8; hpn.runtimes.graph_digest): prediction refuses any other graph. None for
+    # torch, a fine-tuned encoder, and models saved before it.
+    encoder_graph_xxh3: str | None = None
 
 
 #: What an untrained multilabel model (no rule chosen on validation yet) predicts with.
@@ -186,6 +190,7 @@ class HPNClassifier(nn.Module):
         self.target_name = target_name
         self.decision = decision
         self._frozen: list | None = None  # a list keeps it out of state_dict
+        self.encoder_graph_xxh3: str | None = None  # set by load (ModelMeta), else at save
         self._graph: list | None = None  # [ORT session, tokenizer, output names]: use_graph
 
     @property
@@ -213,9 +218,18 @@ class HPNClassifier(nn.Module):
             target_high=high,
             target_name=self.target_name,
             decision=self.decision.to_dict() if self.decision is not None else None,
+            encoder_graph_xxh3=self._encoder_graph_digest(),
         )
         (out / META_FILE).write_text(json.dumps(asdict(meta), indent=2))
         return out
+
+    def _encoder_graph_digest(self) -> str | None:
+        """The digest a saved model records of its frozen encoder's ONNX graph: the loaded
+        one's recorded digest, else this machine's graph (the one training embedded with)."""
+        runtime = getattr(self.encoder_cfg, "runtime", "torch")
+        if self.fine_tuned or runtime == "torch":
+            return None
+        return self.encoder_graph_xxh3 or graph_digest(self.encoder_cfg, runtime)
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> HPNClassifier:
@@ -246,6 +260,7 @@ class HPNClassifier(nn.Module):
                     regression_head=regression_head, target_range=target_range,
                     target_name=meta.target_name, decision=decision)
         model.load_state_dict(load_file(str(src / WEIGHTS_FILE)))
+        model.encoder_graph_xxh3 = meta.encoder_graph_xxh3
         return model.to(device).eval()
 
     def _device(self) -> torch.device:
@@ -305,7 +320,8 @@ class HPNClassifier(nn.Module):
             # Frozen encoder: same embedding function as training, but no disk cache (serving
             # sees new texts every call); the encoder is loaded once per process.
             if self._frozen is None:  # the runtime the training embeddings came from
-                self._frozen = [load_encoder(self.encoder_cfg)]
+                self._frozen = [load_encoder(self.encoder_cfg,
+                                             graph_xxh3=self.encoder_graph_xxh3)]
             feats = torch.from_numpy(embed(self._frozen[0], list(texts), batch_size, device)).to(device)
             outs = [[self._output(h, feats)] for h in heads]
         else:

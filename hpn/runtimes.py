@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import tempfile
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,11 @@ def _load_verified(path: Path, key: str) -> bytes | None:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write `data` to a fresh temp file beside `path`, then rename it over `path`: a reader
+    sees the old file or the new one, never half of one. The temp file is created with the
+    umask's mode (not mkstemp's 0600), so an exported graph is as readable as any file."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -153,9 +158,12 @@ def export_torch_module(module: Any, inputs: tuple, input_names: list[str],
     return buffer.getvalue()
 
 
-def quantize_int8(graph: bytes) -> bytes:
-    """Dynamic int8 quantisation of a graph's weights (MatMul/Gemm, per output channel),
-    activations quantised on the fly: onnxruntime.quantization.quantize_dynamic."""
+def quantize(graph: bytes, **options: Any) -> bytes:
+    """Dynamic int8 quantisation of a graph's weights (int8 weights, activations quantised on
+    the fly): onnxruntime.quantization.quantize_dynamic on `graph` with `options` (its keyword
+    arguments, e.g. per_channel, op_types_to_quantize, nodes_to_exclude). One scaffold for the
+    encoder graphs here and the whole-model exports (hpn.export.quantize_whole): it works on
+    files only, and logs a pre-processing hint on every call that is not for our users."""
     import logging
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -167,12 +175,17 @@ def quantize_int8(graph: bytes) -> bytes:
         level = root.level
         root.setLevel(logging.ERROR)  # "Please consider to run pre-processing" on every call
         try:
-            # Per-channel scales: embeddings at mean cosine 0.99 to fp32 on persona texts,
-            # against 0.96 with one scale per tensor, at the same speed.
-            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, **options)
         finally:
             root.setLevel(level)
         return dst.read_bytes()
+
+
+def quantize_int8(graph: bytes) -> bytes:
+    """Dynamic int8 quantisation of an encoder graph's weights (MatMul/Gemm, per output
+    channel). Per-channel scales: embeddings at mean cosine 0.99 to fp32 on persona texts,
+    against 0.96 with one scale per tensor, at the same speed."""
+    return quantize(graph, per_channel=True)
 
 
 def session(graph: bytes, threads: int | None = None) -> Any:
@@ -240,11 +253,32 @@ def encoder_graph(cfg: EncoderConfig, runtime: str) -> bytes:
     return data
 
 
+def usable_cache_dir(cfg: EncoderConfig) -> EncoderConfig:
+    """`cfg`, or a copy with the default cache_dir (`.hpn_cache` under the working directory)
+    when its cache_dir is not a writable folder here: a saved model carries the absolute
+    cache_dir of the machine it was trained on, which a serving machine may lack or not
+    write to. The graph exported there is still checked against the model's recorded digest."""
+    import dataclasses
+
+    folder = Path(cfg.cache_dir)
+    if folder.is_dir() and os.access(folder, os.W_OK | os.X_OK):
+        return cfg
+    return dataclasses.replace(cfg, cache_dir=EncoderConfig().cache_dir)
+
+
+def graph_digest(cfg: EncoderConfig, runtime: str) -> str:
+    """xxh3 of the encoder graph `runtime` runs for `cfg` (what a model saved with onnx or
+    onnx-int8 embeddings records, so it never predicts on another graph's embeddings)."""
+    return _digest(encoder_graph(usable_cache_dir(cfg), runtime))
+
+
 class OnnxTextEncoder:
     """The frozen encoder on ONNX Runtime: texts -> (batch, width) float32 embeddings, with
-    the same tokenizer, truncation and pooling as `hpn.encode.TextEncoder`."""
+    the same tokenizer, truncation and pooling as `hpn.encode.TextEncoder`. `graph_xxh3`: the
+    digest the graph must have (a saved model's: the graph its training embeddings came from)."""
 
-    def __init__(self, cfg: EncoderConfig, runtime: str = ONNX, threads: int | None = None) -> None:
+    def __init__(self, cfg: EncoderConfig, runtime: str = ONNX, threads: int | None = None,
+                 graph_xxh3: str | None = None) -> None:
         from transformers import AutoTokenizer
 
         from hpn.encode import encoder_width, resolve_encoder
@@ -252,7 +286,15 @@ class OnnxTextEncoder:
         self.name, self.pooling, self.max_length = cfg.name, cfg.pooling, cfg.max_length
         self.runtime = runtime
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_encoder(cfg.name))
-        self._session = session(encoder_graph(cfg, runtime), threads)
+        graph = encoder_graph(cfg, runtime)
+        if graph_xxh3 is not None and (got := _digest(graph)) != graph_xxh3:
+            versions = ", ".join(f"{k} {v}" for k, v in runtime_versions().items())
+            raise ConfigError(
+                f"encoder.runtime={runtime}: this model was trained on an encoder graph (xxh3 "
+                f"{graph_xxh3[:16]}) that this machine does not reproduce (it exported xxh3 "
+                f"{got[:16]} with {versions}); use the torch/onnxruntime versions it was trained "
+                "with, or `hpn-tune export` the whole model")
+        self._session = session(graph, threads)
         width = self._session.get_outputs()[0].shape[-1]
         self.width = width if isinstance(width, int) else encoder_width(cfg.name)
 
@@ -266,11 +308,13 @@ class OnnxTextEncoder:
         return self._session.run(None, self.tokenize(texts))[0]
 
 
-def load_encoder(cfg: EncoderConfig, threads: int | None = None) -> Any:
-    """The frozen encoder `cfg.runtime` names: a TextEncoder (torch) or an OnnxTextEncoder."""
+def load_encoder(cfg: EncoderConfig, threads: int | None = None,
+                 graph_xxh3: str | None = None) -> Any:
+    """The frozen encoder `cfg.runtime` names: a TextEncoder (torch) or an OnnxTextEncoder
+    (its graph under `usable_cache_dir(cfg)`, checked against `graph_xxh3` when given)."""
     from hpn.encode import TextEncoder
 
     runtime = check_runtime(getattr(cfg, "runtime", TORCH))
     if runtime == TORCH:
         return TextEncoder(cfg.name, cfg.pooling, cfg.max_length)
-    return OnnxTextEncoder(cfg, runtime, threads)
+    return OnnxTextEncoder(usable_cache_dir(cfg), runtime, threads, graph_xxh3)

@@ -8,7 +8,6 @@ import time
 import urllib.request
 
 import optuna
-
 from conftest import free_port
 
 

@@ -124,3 +124,34 @@ def test_a_model_predicts_on_its_runtime_and_fp32_onnx_predicts_as_torch(small_c
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the saved runtime is read back, not defaulted
         assert models["onnx-int8"].encoder_cfg.runtime == "onnx-int8"
+
+
+def test_a_saved_onnx_model_serves_its_recorded_graph_from_another_machines_cache_dir(
+        small_config, cache_dir, tmp_path, monkeypatch):
+    """A saved model's cache_dir is the training machine's: where it is missing the default
+    .hpn_cache is used, and only a graph with the digest the model recorded is run."""
+    import dataclasses
+
+    cfg = small_config.with_updates({"encoder.runtime": "onnx-int8", "train.epochs": 1})
+    model = train(cfg, prepare_data(cfg)).model
+    model.save(tmp_path / "m")
+    meta_path = tmp_path / "m" / "hpn_model.json"
+    meta = json.loads(meta_path.read_text())
+    graph = runtimes.encoder_graph(cfg.encoder, "onnx-int8")
+    assert meta["encoder_graph_xxh3"] == runtimes._digest(graph)
+    model.encoder_cfg = dataclasses.replace(cfg.encoder, runtime="torch")
+    assert model._encoder_graph_digest() is None  # torch records none
+    model.encoder_cfg = cfg.encoder
+
+    meta["encoder"]["cache_dir"] = str(tmp_path / "training-machine-only")
+    meta_path.write_text(json.dumps(meta))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".hpn_cache").symlink_to(cache_dir)  # this machine's default cache: same graph
+    assert HPNClassifier.load(tmp_path / "m").predict(TEXTS)[0] == model.predict(TEXTS)[0]
+
+    meta["encoder_graph_xxh3"] = "0" * 32  # a graph this machine does not reproduce
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"^encoder\.runtime=onnx-int8: this model was trained "
+                       r"on an encoder graph \(xxh3 0{16}\) that this machine does not reproduce "
+                       r"\(it exported xxh3 \w{16} with torch .*`hpn-tune export` the whole model$"):
+        HPNClassifier.load(tmp_path / "m").predict(TEXTS)

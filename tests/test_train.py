@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hpn import metrics as M
-from hpn.model import HPNClassifier, WEIGHTS_FILE
+from hpn.model import WEIGHTS_FILE, HPNClassifier
 from hpn.train import prepare_data, resolve_loss, train
 
 

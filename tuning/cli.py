@@ -201,9 +201,14 @@ def cmd_promote(args: argparse.Namespace) -> dict[str, Any]:
         was = (f" (was version {result['champion_version']}"
                + (f" at {held:.4f}" if held is not None else "")
                + f"{test(result['champion_test_value'])})" if result["champion_version"] else "")
-        print(f"{args.model_name}@champion -> version {result['version']} "
-              f"({result['metric']} {result['candidate_value']:.4f}"
-              f"{test(result['candidate_test_value'])}){was}")
+        if result.get("format_switch"):  # the champion's own run in another serving format
+            print(f"{args.model_name}@champion -> version {result['version']}: format switch "
+                  f"{result['format_switch']} of version {result['champion_version']}'s run "
+                  "(same model, not compared)")
+        else:
+            print(f"{args.model_name}@champion -> version {result['version']} "
+                  f"({result['metric']} {result['candidate_value']:.4f}"
+                  f"{test(result['candidate_test_value'])}){was}")
     else:
         print(result["reason"])
     return result

@@ -57,12 +57,12 @@ def frame_prediction(frame: pd.DataFrame, model: Any) -> Any:
 
 
 def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Atomically (a temp file beside it, then a rename): a reader never sees half a graph."""
+    from hpn.runtimes import _write_atomic
+
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        _write_atomic(path, data)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise HPNInputError(f"--output: cannot write {str(path)!r} ({exc.strerror})") from None
 
 

@@ -263,7 +263,7 @@ def save_pyfunc(model: HPNClassifier, path: str | Path, mlflow_model: Any = None
     return Path(path)
 
 
-def graph_problem(weights: Path, recorded: str | None = None) -> str | None:
+def artifact_graph_problem(weights: Path, recorded: str | None = None) -> str | None:
     """Why the `hpn` artifact's ONNX graph may not be run (None when it may, or there is none):
     a graph without its header or a header without its graph, bytes that no longer match the
     header's sha256 (or the MLmodel's `recorded` one), or not a graph hpn-tune exports
@@ -291,7 +291,7 @@ def graph_problem(weights: Path, recorded: str | None = None) -> str | None:
 def read_graph(weights: str | Path) -> bytes | None:
     """The `hpn` artifact's checked ONNX graph, or None when the model has none."""
     weights = Path(weights)
-    problem = graph_problem(weights)
+    problem = artifact_graph_problem(weights)
     if problem:
         raise HPNInputError(f"--model: {problem}; export the model again (hpn-tune export)")
     return (weights / GRAPH_FILE).read_bytes() if (weights / GRAPH_FILE).exists() else None
@@ -317,7 +317,7 @@ def verify_model_dir(path: str | Path, model_uri: str) -> tuple[Any, Path]:
     pickle runs whatever its `__reduce__` names), the models-from-code loader, no `code`
     directory (MLflow puts it first on sys.path), a code file byte-identical (sha256) to the
     CODE_FILE this installed hpn-tune ships, the weights inside the directory, and an ONNX
-    graph (an exported version's) matching its checksums (`graph_problem`).
+    graph (an exported version's) matching its checksums (`artifact_graph_problem`).
     Returns (the MLmodel as `mlflow.models.Model`, the weights directory); parses only YAML,
     JSON and, for a graph, ONNX protobuf (data, never code)."""
     from mlflow.models import Model
@@ -364,7 +364,7 @@ def verify_model_dir(path: str | Path, model_uri: str) -> tuple[Any, Path]:
         raise refuse(f"its `{HPN_ARTIFACT}` weights ({WEIGHTS_FILE}, {META_FILE}) are missing "
                      "or outside the model directory")
     recorded = (meta.metadata or {}).get(GRAPH_SHA256_METADATA)
-    if problem := graph_problem(weights, recorded):
+    if problem := artifact_graph_problem(weights, recorded):
         raise refuse(problem, "export the model again (hpn-tune export) or serve its torch version")
     return meta, weights
 

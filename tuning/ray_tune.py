@@ -319,12 +319,10 @@ def trial_fn(config: dict[str, Any], data: PreparedData, ctx: StudyContext) -> N
     with PeakMemory(pick_device(cfg.train.device)) as memory:
         try:
             if measure and cfg.encoder.trainable_layers == 0:
-                # Loaded before train()'s own memory window, once per process: every trial's
-                # peak then holds its runtime's encoder, a process's first trial as the rest.
+                # Loaded once per process, before train(): every trial's peak then holds its
+                # runtime's encoder alike, a process's first trial as the later ones.
                 frozen_encoder(cfg.encoder)
             result = train(cfg, data, on_epoch)
-            if measure:  # its own model on the champion path, CPU (hpn/latency.py)
-                serving = measure_latency(result.model)
         except torch.OutOfMemoryError as exc:
             run.log_metrics(memory.usage())
             run.end("error", f"CUDA out of memory: {exc}")
@@ -342,6 +340,11 @@ def trial_fn(config: dict[str, Any], data: PreparedData, ctx: StudyContext) -> N
             run.log_metrics(memory.usage())
             run.end("error", f"{type(exc).__name__}: {exc}")
             raise
+    if measure:
+        # Its own model on the champion path, on the CPU (hpn/latency.py), after the memory
+        # window: the peaks are training's. Moved, not copied: a copy of a CUDA model would
+        # double it on the card first; the model is only logged from here on.
+        serving = measure_latency(result.model.cpu())
     final = {**result.metrics, **serving, NUM_CLASSES_KEY: data.corpus.num_classes,
              "trial_started_at": started, "trial_ended_at": time.time()}
     # Every final metric the trainer returns (the task decides which), but those already

@@ -761,7 +761,20 @@ def _trial_run(client: MlflowClient, run_id: str, metric: str | None) -> Any:
     return run
 
 
+def format_switch(candidate: Any, champion: Any) -> bool:
+    """Whether `candidate` is the champion's own model in another serving format: another
+    version registered from the champion's run (its `hpn-tune export --register`, or the
+    torch version an export came from). Same model, same validation metric: promoting it
+    switches the format, with nothing to compare (it could never be "above" itself)."""
+    return (candidate is not None and champion is not None and bool(candidate.run_id)
+            and candidate.run_id == champion.run_id
+            and str(candidate.version) != str(champion.version))
+
+
 def _candidate(client: MlflowClient, name: str, study: str | None) -> Any:
+    """The newest version of `name` (of `study`), in any serving format: an export registered
+    after its run's torch version is the newer one (a format switch when that run is the
+    champion's, `format_switch`). `_registered` picks by run instead: the run's torch version."""
     try:
         versions = client.search_model_versions(f"name = '{name}'")
     except MlflowException:
@@ -794,7 +807,9 @@ def promote(client: MlflowClient, model_name: str = DEFAULT_MODEL_NAME, study: s
     another task is refused (their metrics do not compare) unless `force`. Whatever `force`
     says, the candidate must pass the registration check (`registration_problem`) before it
     is aliased; a --run-id not registered yet is weighed first and registered only once it
-    will be promoted, so every refusal leaves the registry as it was.
+    will be promoted, so every refusal leaves the registry as it was. A version of the
+    champion's own run (`format_switch`: its export, or back to its torch version) is no
+    contest: the alias moves without comparison and `format_switch` says from what to what.
     """
     if metric is not None:
         _check_metric(metric)
@@ -825,7 +840,15 @@ def promote(client: MlflowClient, model_name: str = DEFAULT_MODEL_NAME, study: s
                                                           run_id),
               "test_metric": test_metric, "champion_test_value": None,
               "candidate_test_value": _optional_metric(client, candidate, test_metric, run_id)}
-    if champion is not None:
+    switch = format_switch(candidate, champion)
+    result["format_switch"] = (f"{version_format(champion)} -> {version_format(candidate)}"
+                               if switch else None)
+    if switch:  # the champion's own model in another format: the alias moves, no comparison
+        result.update(champion_version=str(champion.version),
+                      champion_value=_optional_metric(client, champion, metric),
+                      champion_test_accuracy=_optional_metric(client, champion, M.TEST_ACCURACY),
+                      champion_test_value=_optional_metric(client, champion, test_metric))
+    elif champion is not None:
         if candidate is not None and champion.version == candidate.version:
             return {**result, "promoted": False, "reason": f"version {candidate.version} is already champion"}
         theirs_task = task_spec(version_task(client, champion)).name

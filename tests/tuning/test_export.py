@@ -33,7 +33,7 @@ from tuning.pyfunc import (
     log_pyfunc,
     save_pyfunc,
 )
-from tuning.registry import CHAMPION
+from tuning.registry import CHAMPION, PREVIOUS, promote
 from tuning.serving import load_model
 from tuning.tracking import ROLE_TAG, STUDY_TAG, TRIAL_ID_TAG, ensure_experiment
 
@@ -185,6 +185,28 @@ def test_export_writes_logs_and_registers_an_onnx_version_that_serves_like_the_t
     assert run_model(client, run_id).tags.get(SERVING_FORMAT_TAG) == "torch"
 
 
+def test_promoting_the_champions_own_export_is_a_format_switch_not_a_contest(
+        registered, capsys, restore_mlflow_uris):
+    # After the export test: version 2 is the onnx export of champion version 1's run, with
+    # the same validation metric, so "not above champion" would refuse it forever.
+    client, name, _ = registered
+    if len(client.search_model_versions(f"name = '{name}'")) < 2:
+        pytest.skip("needs the registered export of the test above")
+
+    code = main(["promote", "--study", "export-study", "--model-name", name,
+                 "--tracking-uri", client.tracking_uri])
+
+    said = capsys.readouterr()
+    assert code == 0, said.err
+    assert said.out.strip() == (f"{name}@champion -> version 2: format switch torch -> onnx of "
+                                "version 1's run (same model, not compared)")
+    assert client.get_model_version_by_alias(name, CHAMPION).version in (2, "2")
+    assert client.get_model_version_by_alias(name, PREVIOUS).version in (1, "1")
+    back = promote(client, name, run_id=registered[2])  # the run's torch version: switch back
+    assert back["promoted"] and back["format_switch"] == "onnx -> torch"
+    assert client.get_model_version_by_alias(name, CHAMPION).version in (1, "1")
+
+
 @pytest.mark.parametrize(("args", "says"), [
     (["--format", "tflite"], "--format: unknown format 'tflite'"),
     (["--output", "/no/such/folder/m.onnx"], "--output: folder '/no/such/folder' does not exist"),
@@ -204,3 +226,71 @@ def test_bad_export_input_is_one_line_and_exit_2(mlflow_server, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert says in err and "\n" not in err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_both_int8_quantisations_share_one_scaffold_with_their_own_options(fp32_graph, monkeypatch):
+    from hpn import export, runtimes
+
+    calls = []
+    monkeypatch.setattr(runtimes, "quantize", lambda graph, **options: calls.append(options) or b"q")
+    monkeypatch.setattr(export, "quantize", runtimes.quantize)
+    assert runtimes.quantize_int8(b"g") == b"q" and calls.pop() == {"per_channel": True}
+    assert export.quantize_whole(fp32_graph) == b"q"
+    options = calls.pop()
+    assert options["op_types_to_quantize"] == ["MatMul", "Gather"]
+    kept = options["nodes_to_exclude"]  # the head and the feed-forward down-projections
+    assert any(not n.startswith("/encoder/") for n in kept)
+    assert any(n.startswith("/encoder/") and "MatMul" in n for n in kept)
+
+
+def test_an_export_is_written_atomically_with_the_umask_mode(tmp_path):
+    from tuning.export_model import _write
+
+    out = tmp_path / "m.onnx"
+    _write(out, b"graph")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.read_bytes() == b"graph" and (out.stat().st_mode & 0o777) == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # no temp file left
+    with pytest.raises(HPNInputError, match="^--output: cannot write"):
+        _write(tmp_path / "no-such-folder" / "m.onnx", b"graph")
+
+
+def _external(name: str):
+    """A one-float tensor whose data would be read from /etc/passwd."""
+    from onnx import TensorProto, external_data_helper, helper
+
+    tensor = helper.make_tensor(name, TensorProto.FLOAT, [1], b"\0\0\0\0", raw=True)
+    external_data_helper.set_external_data(tensor, location="/etc/passwd")
+    tensor.ClearField("raw_data")
+    return tensor
+
+
+@pytest.mark.parametrize("where", ["initializer", "constant", "subgraph"])
+def test_a_graph_with_any_external_tensor_is_refused(where, fp32_graph):
+    from onnx import TensorProto, helper
+
+    from hpn.export import graph_problem
+    from tuning.pyfunc import (
+        artifact_graph_problem,  # the artifact check (renamed from graph_problem)
+    )
+
+    ints = [helper.make_tensor_value_info(n, TensorProto.INT64, ["b", "s"])
+            for n in ("input_ids", "attention_mask")]
+    out = [helper.make_tensor_value_info("c", TensorProto.FLOAT, [1])]
+    const = helper.make_node("Constant", [], ["c"], value=_external("w"))
+    init = []
+    if where == "initializer":
+        init, nodes = [_external("w")], [helper.make_node("Identity", ["w"], ["c"])]
+    elif where == "constant":
+        nodes = [const]
+    else:
+        branch = helper.make_graph([const], "branch", [], out)
+        flag = helper.make_node("Constant", [], ["flag"], value=helper.make_tensor(
+            "f", TensorProto.BOOL, [], [True]))
+        nodes = [flag, helper.make_node("If", ["flag"], ["c"], then_branch=branch,
+                                        else_branch=branch)]
+    graph = helper.make_model(helper.make_graph(nodes, "g", ints, out, init)).SerializeToString()
+
+    assert graph_problem(graph) == "its tensor 'w' refers to an external data file"
+    assert graph_problem(fp32_graph) is None and callable(artifact_graph_problem)

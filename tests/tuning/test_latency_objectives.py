@@ -61,6 +61,8 @@ def test_each_completed_trial_logs_positive_latency_and_size_and_its_runtime(stu
         assert run.data.tags[ENCODER_RUNTIME_TAG] == runtime
         # int8 weights are about a quarter of the fp32 encoder's
         assert (m[M.MODEL_SIZE_MB] < 40) == (runtime == "onnx-int8")
+    # the seeded sampler draws both runtimes, so the size check above compares them
+    assert {r.data.params["encoder.runtime"] for r in done} == {"torch", "onnx-int8"}
     parent = client.get_run(summary["parent_run_id"])
     assert parent.data.tags[OBJECTIVES_TAG] == "latency,size"
 
