@@ -7,7 +7,7 @@ load) plus one epoch measured over a few batches, extrapolated linearly to the f
 SQLite file) with FIFO scheduling, so every trial trains all its epochs like the seed's.
 
     .venv/bin/python bench/study_throughput.py [--size 10000] [--epochs 30] [--trials 12]
-        [--runtime torch|onnx|onnx-int8]
+        [--runtime torch|onnx|onnx-int8] [--set KEY=VALUE ...]
 
 --runtime is the study's `encoder.runtime`: its one-off encode (from a cold cache, the ONNX
 export and int8 quantisation included) is what "trials per hour incl. the encode" counts.
@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--seed-batches", type=int, default=8)
     ap.add_argument("--runtime", default="torch", choices=("torch", "onnx", "onnx-int8"))
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="more config for the study, e.g. train.measure_latency=false")
     args = ap.parse_args()
 
     from mlflow.tracking import MlflowClient
@@ -59,7 +61,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)
         overrides = [f"data.size={args.size}", f"train.epochs={args.epochs}",
-                     f"encoder.cache_dir={tmp}/cache", f"encoder.runtime={args.runtime}"]
+                     f"encoder.cache_dir={tmp}/cache", f"encoder.runtime={args.runtime}",
+                     *args.overrides]
         cfg = load_config(None, overrides + ["train.batch_size=128"])
         t0 = time.perf_counter()
         prepare_data(cfg)  # the study's one-off encode; the study itself then hits the cache
@@ -90,7 +93,7 @@ def main() -> None:
     overhead = 1 - train_s / (wall * args.concurrency)
     print(f"corpus {args.size} synthetic personas, {args.epochs} epochs per trial, "
           f"{args.trials} trials, {args.concurrency} at a time, {os.cpu_count()} CPUs, "
-          f"encoder.runtime={args.runtime}")
+          f"encoder.runtime={args.runtime}{''.join(' ' + o for o in args.overrides)}")
     print("| measure | value | note |")
     print("|---|---|---|")
     print(f"| seed: subprocess start + encoder load | {process_s:.1f} s | measured "
