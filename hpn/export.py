@@ -107,18 +107,28 @@ def export_model(model: HPNClassifier, int8: bool) -> bytes:
                                     list(INPUTS), names, dynamic)
     finally:
         model.train(was_training)
-    return quantize_whole(graph) if int8 else graph
+    if not int8:
+        return graph
+    return quantize_whole(graph, like_runtime=cfg.runtime == ONNX_INT8 and model.encoder is None)
 
 
-def quantize_whole(graph: bytes) -> bytes:
+def quantize_whole(graph: bytes, like_runtime: bool = False) -> bytes:
     """Dynamic int8 for a whole-model graph: the encoder's MatMul and embedding-table weights
     quantised, except the feed-forward down-projections (their inputs are the post-GELU
     activations, whose outliers per-tensor int8 clips) and the head. Measured on a 600-persona
     classifier: all MatMul/Gather quantised kept the label of 95.7% of the 300 sample texts,
-    this 99.7% at 34 MB (fp32 90 MB); hpn.runtimes.quantize_int8 quantises every weight."""
+    this 99.7% at 34 MB (fp32 90 MB); hpn.runtimes.quantize_int8 quantises every weight.
+    `like_runtime`: quantise the encoder as the onnx-int8 runtime does (below)."""
     import onnx
 
     proto = onnx.load_from_string(graph)
+    if like_runtime:
+        # A model trained on encoder.runtime=onnx-int8 embeddings: its encoder quantised
+        # exactly as hpn.runtimes.quantize_int8 quantises the encoder alone (every weight,
+        # per output channel), so the export computes the embeddings the head was trained
+        # on; the head stays fp32.
+        head = [n.name for n in proto.graph.node if not n.name.startswith("/encoder/")]
+        return quantize(graph, per_channel=True, nodes_to_exclude=head)
     shapes = {t.name: tuple(t.dims) for t in proto.graph.initializer}
     keep = []
     for node in proto.graph.node:

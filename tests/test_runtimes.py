@@ -155,3 +155,15 @@ def test_a_saved_onnx_model_serves_its_recorded_graph_from_another_machines_cach
                        r"on an encoder graph \(xxh3 0{16}\) that this machine does not reproduce "
                        r"\(it exported xxh3 \w{16} with torch .*`hpn-tune export` the whole model$"):
         HPNClassifier.load(tmp_path / "m").predict(TEXTS)
+
+
+def test_an_onnx_int8_models_int8_export_computes_the_embeddings_its_head_learnt(small_config):
+    """The whole-model int8 export of a model trained on onnx-int8 embeddings quantises the
+    encoder as the runtime does, so it predicts what the model predicts (its own recipe for
+    torch-trained models kept the label of only 96% of texts of such a model)."""
+    from hpn.export import check_graph, export_model
+
+    cfg = small_config.with_updates({"encoder.runtime": "onnx-int8", "train.epochs": 3})
+    model = train(cfg, prepare_data(cfg)).model
+    agreement = check_graph(model, export_model(model, int8=True), True)
+    assert agreement.same_labels >= 0.99, agreement

@@ -107,6 +107,9 @@ def export_command(model_uri: str, fmt: str, int8: bool, output: str,
     if model.serves_graph:
         raise HPNInputError(f"--model: {model_uri!r} already serves an ONNX graph; export the "
                             "torch version it came from")
+    if model.encoder_cfg.runtime == "onnx-int8" and not model.fine_tuned and not int8:
+        raise HPNInputError(f"--int8: {model_uri!r} was trained on encoder.runtime=onnx-int8 "
+                            "embeddings, which an fp32 graph does not reproduce; add --int8")
     run_id = loaded.metadata.run_id
     if register and run_id is None:
         raise HPNInputError(f"--register: {model_uri!r} has no MLflow run to register from")
@@ -135,7 +138,7 @@ def export_command(model_uri: str, fmt: str, int8: bool, output: str,
             version = register_export(client, run_id, logged_uri[len("models:/"):], name,
                                       serving_format)
             result.update(model_name=name, version=version, logged_model=logged_uri)
-    print(f"exported {model_uri} as {serving_format} ({len(graph) / 1e6:.1f} MB) to {out}: "
+    print(f"exported {model_uri} as {serving_format} ({len(graph) / 2**20:.1f} MiB) to {out}: "
           f"{agreement.summary()} against its pyfunc"
           + (f"; logged to run {run_id}" if run_id else "")
           + (f"; registered as {name} version {result['version']}" if register else ""))
