@@ -256,7 +256,7 @@ def encode_texts(
     from hpn.runtimes import load_encoder
 
     device = device or pick_device()
-    encoder = load_encoder(cfg)
+    encoder = load_encoder(cfg, spinning=True)  # bulk work: ORT's pool may busy-wait
     vectors = embed(encoder, texts, cfg.batch_size, device, progress)
     check_embeddings(vectors, len(texts), cfg, encoder.width)  # fp16 overflow: never cache it
     cache_files.save(path, vectors, key=key, encoder=ident)
