@@ -43,7 +43,7 @@ def options(tmp_path, cache_dir, tracking_uri, **kw) -> StudyOptions:
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, cache_dir, mlflow_server, ray_runtime):
     tmp = tmp_path_factory.mktemp("latency_study")
-    summary = run_study(options(tmp, cache_dir, mlflow_server, seed=3))
+    summary = run_study(options(tmp, cache_dir, mlflow_server, seed=0))
     return tmp, summary, MlflowClient(mlflow_server)
 
 
@@ -61,7 +61,8 @@ def test_each_completed_trial_logs_positive_latency_and_size_and_its_runtime(stu
         assert run.data.tags[ENCODER_RUNTIME_TAG] == runtime
         # int8 weights are about a quarter of the fp32 encoder's
         assert (m[M.MODEL_SIZE_MB] < 40) == (runtime == "onnx-int8")
-    # the seeded sampler draws both runtimes, so the size check above compares them
+    # NSGA-II's first generation is random: seed 0 draws onnx-int8, torch, onnx-int8 (seed 3
+    # drew onnx-int8 three times), so the size check above compares both runtimes
     assert {r.data.params["encoder.runtime"] for r in done} == {"torch", "onnx-int8"}
     parent = client.get_run(summary["parent_run_id"])
     assert parent.data.tags[OBJECTIVES_TAG] == "latency,size"
