@@ -11,11 +11,13 @@ serve through the graph), then times three paths per model on the same texts:
                hpn-tune command uses; a PyFuncModel)
   (b) HTTP     `hpn-tune serve` (MLflow's scoring app in its own process on that model, behind
                the body cap and text check), POST /invocations over keep-alive
+  (d) HTTP     the same server's POST /predict: the same body and answer, without MLflow's
+               DataFrame round trip (`tuning.serving.PredictRoute`)
   (c) bare     the floor any text classifier on that encoder pays: tokenizer + the encoder
                (torch: plain `transformers.AutoModel` + mean pooling; onnx, onnx-int8: the
                same cached encoder graph on ONNX Runtime) + an untrained linear layer; for an
                exported graph, the graph itself on ONNX Runtime. So (a) - (c) is our overhead
-               and (b) - (a) the server's.
+               and (b) - (a) the server's; (d) - (c) is what the lean route adds to the floor.
 
     .venv/bin/python bench/serving.py [--runtimes torch onnx onnx-int8] [--exports onnx onnx-int8]
         [--latency-reps 40] [--reps 40 6 2] [--size 1200] [--epochs 6] [--json PATH]
@@ -24,7 +26,8 @@ Latency is one text per call (p50 / p95 over --latency-reps calls after warm-up)
 is texts/s at batch 1, 32 and 256 (--reps calls each). Every path of every model is timed
 round-robin, so a burst of load on a shared machine hits all of them alike. The summary table
 puts each model's numbers side by side with the issue's serving targets (HTTP p50 <= 10 ms
-for one text, >= 600 texts/s at batch 256 over HTTP) and its ratios to the torch model.
+for one text, >= 600 texts/s at batch 256 over HTTP), on each HTTP route, and its ratios to
+the torch model.
 """
 from __future__ import annotations
 
@@ -227,11 +230,12 @@ class Server:
             except subprocess.TimeoutExpired:
                 continue
 
-    def predictor(self) -> Predict:
+    def predictor(self, route: str = "/invocations") -> Predict:
+        """POST to `route` (/invocations or /predict, which take the same body)."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)  # keep-alive
 
         def post(body: str) -> http.client.HTTPResponse:
-            conn.request("POST", "/invocations", body, {"Content-Type": "application/json"})
+            conn.request("POST", route, body, {"Content-Type": "application/json"})
             return conn.getresponse()
 
         def predict(texts: list[str]) -> list[str]:
@@ -244,7 +248,7 @@ class Server:
                 response = post(body)
             payload = response.read()
             if response.status != 200:
-                raise RuntimeError(f"/invocations answered {response.status}: {payload[:300]!r}")
+                raise RuntimeError(f"{route} answered {response.status}: {payload[:300]!r}")
             return [p["label"] for p in json.loads(payload)["predictions"]]
 
         return predict
@@ -313,12 +317,15 @@ def run(latency_reps: int, reps: dict[int, int], runtimes: list[str], exports: l
             probe = texts[:16]
             for s, server in zip(served, servers):
                 pyfunc, http_predict = pyfunc_path(uri, s.uri), server.predictor()
-                assert http_predict(probe) == pyfunc(probe), f"{s.name}: HTTP and in-process labels differ"
+                lean = server.predictor("/predict")
+                assert http_predict(probe) == pyfunc(probe) == lean(probe), \
+                    f"{s.name}: HTTP and in-process labels differ"
                 s.paths = {"a": f"{s.name}: (a) pyfunc load_model(...).predict",
                            "b": f"{s.name}: (b) HTTP /invocations (hpn-tune serve)",
-                           "c": f"{s.name}: (c) {s.floor_name}"}
+                           "c": f"{s.name}: (c) {s.floor_name}",
+                           "d": f"{s.name}: (d) HTTP /predict (hpn-tune serve)"}
                 paths.update({s.paths["a"]: pyfunc, s.paths["b"]: http_predict,
-                              s.paths["c"]: s.floor()})
+                              s.paths["c"]: s.floor(), s.paths["d"]: lean})
             rows = measure(paths, texts, latency_reps, reps)
         finally:
             for server in servers:
@@ -352,20 +359,24 @@ def summarise(served: list[Served], rows: dict[str, dict[str, float]],
     big = max(reps)
     out = []
     for s in served:
-        a, b, c = (rows[s.paths[k]] for k in "abc")
+        a, b, c, d = (rows[s.paths[k]] for k in "abcd")
         out.append({
             "model": s.name, "note": s.note,
             "pyfunc_p50_ms": a["p50_ms"], "pyfunc_p95_ms": a["p95_ms"],
             "http_p50_ms": b["p50_ms"], "http_p95_ms": b["p95_ms"], "bare_p50_ms": c["p50_ms"],
             "ours_ms": a["p50_ms"] - c["p50_ms"], "server_ms": b["p50_ms"] - a["p50_ms"],
             f"pyfunc_tps_{big}": a[f"tps_{big}"], f"http_tps_{big}": b[f"tps_{big}"],
-            f"bare_tps_{big}": c[f"tps_{big}"]})
+            f"bare_tps_{big}": c[f"tps_{big}"],
+            "predict_p50_ms": d["p50_ms"], "predict_p95_ms": d["p95_ms"],
+            "predict_over_bare_ms": d["p50_ms"] - c["p50_ms"], f"predict_tps_{big}": d[f"tps_{big}"]})
     base = next((e for e in out if e["model"] == TORCH), out[0] if out else None)
     for e in out:
         e["http_p50_speedup"] = base["http_p50_ms"] / e["http_p50_ms"]
         e[f"http_tps_{big}_ratio"] = e[f"http_tps_{big}"] / base[f"http_tps_{big}"]
         e["meets_p50"] = e["http_p50_ms"] <= TARGET_P50_MS
         e["meets_tps"] = big == TARGET_BATCH and e[f"http_tps_{big}"] >= TARGET_TPS
+        e["predict_meets_p50"] = e["predict_p50_ms"] <= TARGET_P50_MS
+        e["predict_meets_tps"] = big == TARGET_BATCH and e[f"predict_tps_{big}"] >= TARGET_TPS
     return out
 
 
@@ -385,6 +396,18 @@ def print_summary(summary: list[dict[str, object]], reps: dict[int, int]) -> Non
               f"{e[f'http_tps_{big}']:.0f} | {e[f'bare_tps_{big}']:.0f} | "
               f"{e['http_p50_speedup']:.2f} | {e[f'http_tps_{big}_ratio']:.2f} | "
               f"{mark[e['meets_p50']]} | {mark[e['meets_tps']]} | {e['note']} |")
+    print()
+    print(f"| model | /invocations p50 / p95 ms | /predict p50 / p95 ms | /predict - bare ms | "
+          f"texts/s @{big} /invocations | /predict | p50 <= {TARGET_P50_MS:g} ms: /invocations | "
+          f"/predict | >= {TARGET_TPS:g}/s @{TARGET_BATCH}: /invocations | /predict |")
+    print("|---|---:|---:|---:|---:|---:|:-:|:-:|:-:|:-:|")
+    for e in summary:
+        print(f"| {e['model']} | {e['http_p50_ms']:.1f} / {e['http_p95_ms']:.1f} | "
+              f"{e['predict_p50_ms']:.1f} / {e['predict_p95_ms']:.1f} | "
+              f"{e['predict_over_bare_ms']:+.1f} | {e[f'http_tps_{big}']:.0f} | "
+              f"{e[f'predict_tps_{big}']:.0f} | {mark[e['meets_p50']]} | "
+              f"{mark[e['predict_meets_p50']]} | {mark[e['meets_tps']]} | "
+              f"{mark[e['predict_meets_tps']]} |")
 
 
 if __name__ == "__main__":

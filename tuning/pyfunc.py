@@ -95,9 +95,10 @@ def _texts(model_input: Any) -> list[str]:
     return values
 
 
-def predictions_frame(model: HPNClassifier, texts: list[str]) -> pd.DataFrame:
-    """The model's answer to `texts`, one row per text, in the columns `output_columns` names
-    for its task (the one place that turns `model.predict_all` into what is served)."""
+def prediction_columns(model: HPNClassifier, texts: list[str]) -> dict[str, Any]:
+    """The model's answer to `texts` as {column: n values}, in the columns `output_columns`
+    names for its task: the one place that turns `model.predict_all` into what is served
+    (`predictions_frame` for MLflow's pyfunc, `prediction_records` for `serve`'s /predict)."""
     p = model.predict_all(list(texts))
     spec = task_spec(p.task)
     n = len(texts)
@@ -115,7 +116,21 @@ def predictions_frame(model: HPNClassifier, texts: list[str]) -> pd.DataFrame:
             columns[f"{SCORE_PREFIX}{name}"] = scores[:, j]
     if spec.uses_target:
         columns[PREDICTION_COLUMN] = np.asarray(p.values, dtype=np.float64).reshape(n)
-    return pd.DataFrame(columns, index=pd.RangeIndex(n))
+    return columns
+
+
+def predictions_frame(model: HPNClassifier, texts: list[str]) -> pd.DataFrame:
+    """`prediction_columns` as a DataFrame, one row per text (what the pyfunc returns)."""
+    return pd.DataFrame(prediction_columns(model, texts), index=pd.RangeIndex(len(texts)))
+
+
+def prediction_records(model: HPNClassifier, texts: list[str]) -> list[dict[str, Any]]:
+    """`prediction_columns` as one JSON-ready dict per text: the rows MLflow's scoring server
+    writes for `predictions_frame` (`to_dict("records")`), without building the frame."""
+    columns = {name: values.tolist() if isinstance(values, np.ndarray) else values
+               for name, values in prediction_columns(model, texts).items()}
+    names = list(columns)
+    return [dict(zip(names, row)) for row in zip(*columns.values())]
 
 
 def output_columns(task: str, label_names: list[str]) -> list[tuple[str, Any]]:
@@ -195,6 +210,11 @@ try:
         def score(self, model_input, params=None):
             """What `load_verified`'s PyFuncModel calls (it has no MLflow context to pass)."""
             return predictions_frame(self.model, _texts(model_input))
+
+        def get_raw_model(self) -> HPNClassifier:
+            """The HPNClassifier (MLflow's `PyFuncModel.get_raw_model()` returns it): what
+            `serve`'s /predict runs without MLflow's DataFrame round trip."""
+            return self.model
 except ImportError:  # pragma: no cover - mlflow is a dependency; kept importable without it
     HPNPyfunc = None  # type: ignore[assignment,misc]
 

@@ -133,9 +133,10 @@ def server(saved, tmp_path_factory):
     thread.join(timeout=20)
 
 
-def _post(port: int, body: str | bytes, content_type: str = "application/json") -> tuple[int, dict]:
+def _post(port: int, body: str | bytes, content_type: str = "application/json",
+          path: str = "/invocations", method: str = "POST") -> tuple[int, dict]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    conn.request("POST", "/invocations", body, {"Content-Type": content_type})
+    conn.request(method, path, body, {"Content-Type": content_type})
     response = conn.getresponse()
     return response.status, json.loads(response.read() or b"{}")
 
@@ -161,10 +162,44 @@ def test_good_texts_get_the_models_labels_in_every_request_format(saved, server,
     assert [p["score"] for p in answer["predictions"]] == pytest.approx(scores.max(1), abs=1e-5)
 
 
+@pytest.mark.parametrize("fmt", [*_bodies([]), "plain strings"])
+def test_predict_answers_exactly_what_invocations_answers_for_the_same_body(server, fmt):
+    """/predict is the low-latency route to the same answer: same body, same JSON."""
+    body = json.dumps({"inputs": TEXTS} if fmt == "plain strings" else _bodies(TEXTS)[fmt])
+
+    status, mlflow_answer = _post(server, body)
+    fast_status, fast_answer = _post(server, body, path="/predict")
+
+    assert status == fast_status == 200, (mlflow_answer, fast_answer)
+    assert fast_answer == mlflow_answer
+    assert len(fast_answer["predictions"]) == len(TEXTS)
+
+
+@pytest.mark.parametrize(("body", "content_type", "method", "status", "message"), [
+    ({"texts": TEXTS}, "application/json", "POST", 400, "exactly one of dataframe_split"),
+    ({"inputs": TEXTS, "instances": TEXTS}, "application/json", "POST", 400, "exactly one of"),
+    ([TEXTS[0]], "application/json", "POST", 400, "must be a JSON object"),
+    ({"inputs": []}, "application/json", "POST", 400, "no texts in `inputs`"),
+    ({"dataframe_split": {"columns": ["persona"], "data": [[TEXTS[0]]]}}, "application/json", "POST",
+     400, "no texts in `dataframe_split`"),
+    (f"text\n{TEXTS[0]}\n", "text/csv", "POST", 415, "application/json (CSV: /invocations)"),
+    (None, "application/json", "GET", 405, "POST a JSON body to /predict"),
+])
+def test_a_predict_request_it_cannot_answer_is_refused_in_one_line(
+        server, body, content_type, method, status, message):
+    raw = body if isinstance(body, str) or body is None else json.dumps(body)
+
+    got, answer = _post(server, raw, content_type, path="/predict", method=method)
+
+    assert got == status and message in answer["message"], answer
+    assert "\n" not in answer["message"]
+
+
+@pytest.mark.parametrize("path", ["/invocations", "/predict"])
 @pytest.mark.parametrize("fmt", list(_bodies([])))
 @pytest.mark.parametrize(("bad", "shown"), [(42, "42"), (None, "null"), ("", '""'), ("  \t", '"  \\t"')])
-def test_a_text_that_is_not_a_non_empty_string_is_400_naming_its_row(server, fmt, bad, shown):
-    status, answer = _post(server, json.dumps(_bodies([TEXTS[0], bad])[fmt]))
+def test_a_text_that_is_not_a_non_empty_string_is_400_naming_its_row(server, fmt, bad, shown, path):
+    status, answer = _post(server, json.dumps(_bodies([TEXTS[0], bad])[fmt]), path=path)
 
     assert status == 400
     assert answer["message"] == (f"`text` row 1 (counting from 0) is {shown}: each text must be "
@@ -187,8 +222,9 @@ def test_a_csv_request_with_an_empty_text_is_400_and_a_good_one_200(server):
     assert status == 400 and "`text` row 1" in answer["message"]
 
 
-def test_a_body_that_is_not_json_is_400_without_echoing_it(server):
-    status, answer = _post(server, "secret-token-like-garbage {")
+@pytest.mark.parametrize("path", ["/invocations", "/predict"])
+def test_a_body_that_is_not_json_is_400_without_echoing_it(server, path):
+    status, answer = _post(server, "secret-token-like-garbage {", path=path)
     assert status == 400 and "not UTF-8 JSON" in answer["message"]
     assert "secret" not in answer["message"]
 
@@ -211,9 +247,11 @@ def _raw_response(port: int, request: bytes) -> bytes:
         return response
 
 
-def test_a_declared_body_over_the_cap_is_413_before_any_of_it_is_sent(server):
+@pytest.mark.parametrize("path", [b"/invocations", b"/predict"])
+def test_a_declared_body_over_the_cap_is_413_before_any_of_it_is_sent(server, path):
     started = time.time()
-    response = _raw_response(server, HEAD % b"Content-Length: 30000000")  # no body follows
+    head = HEAD.replace(b"/invocations", path)
+    response = _raw_response(server, head % b"Content-Length: 30000000")  # no body follows
 
     assert response.startswith(b"HTTP/1.1 413") and b"--max-body-mb" in response
     assert str(MAX_BYTES).encode() in response and time.time() - started < 10

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import test_model_safety as safety
-from conftest import free_port
+from conftest import free_port, restored_mlflow_uris
 
 from hpn.config import load_config
 from hpn.tasks import CLASSIFICATION, JOINT, MULTILABEL, REGRESSION, TASKS
@@ -84,18 +84,8 @@ def trained(request, cache_dir, tmp_path_factory):
 def _restore_mlflow_uris():
     """`load_model` sets MLflow's global tracking and registry URIs (and the env vars MLflow
     mirrors them to): put them back, so later modules' clients see a clean process."""
-    import mlflow
-
-    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    before = {k: os.environ.get(k) for k in keys}
-    yield
-    mlflow.set_tracking_uri(before["MLFLOW_TRACKING_URI"])
-    mlflow.set_registry_uri(before["MLFLOW_REGISTRY_URI"])
-    for key, value in before.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with restored_mlflow_uris():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -333,15 +323,16 @@ def test_a_csv_of_label_sets_is_refused_when_a_label_holds_the_separator():
 
 # -- the scoring server -----------------------------------------------------------------------
 
-def _post(port: int, body: str, content_type: str = "application/json") -> tuple[int, dict]:
+def _post(port: int, body: str, content_type: str = "application/json",
+          path: str = "/invocations") -> tuple[int, dict]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    conn.request("POST", "/invocations", body, {"Content-Type": content_type})
+    conn.request("POST", path, body, {"Content-Type": content_type})
     response = conn.getresponse()
     return response.status, json.loads(response.read() or b"{}")
 
 
 def test_the_scoring_server_answers_the_tasks_columns_as_json(trained, tracking_uri):
-    """`hpn-tune serve`'s app (MLflow's scoring server behind our guard) on each task's model,
+    """`hpn-tune serve`'s app (MLflow's scoring server and /predict behind our guard) on each task's model,
     served by uvicorn in a thread; tests/tuning/test_serving.py runs the command itself."""
     import uvicorn
 
@@ -359,13 +350,16 @@ def test_the_scoring_server_answers_the_tasks_columns_as_json(trained, tracking_
         status, answer = _post(port, json.dumps({"inputs": {"text": TEXTS}}))
         csv_status, csv_answer = _post(port, pd.DataFrame({"text": TEXTS}).to_csv(index=False),
                                        "text/csv")
+        fast_status, fast_answer = _post(port, json.dumps({"inputs": {"text": TEXTS}}),
+                                         path="/predict")
     finally:
         server.should_exit = True
         thread.join(timeout=20)
 
-    assert status == 200 and csv_status == 200, (answer, csv_answer)
+    assert status == 200 and csv_status == 200 and fast_status == 200, (answer, csv_answer)
     rows = answer["predictions"]
     assert csv_answer["predictions"] == rows
+    assert fast_answer == answer  # /predict: the same JSON without MLflow's DataFrame round trip
     assert [list(r) for r in rows] == [_expected_columns(task, model.label_names)] * len(TEXTS)
     truth = model.predict_all(TEXTS)
     if task in (CLASSIFICATION, JOINT):
