@@ -1,6 +1,7 @@
 """Shared fixtures: one embedding cache per test session, offline Hugging Face."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -26,6 +27,40 @@ def small_config(cache_dir: str) -> Config:
         "data.size=600", "train.epochs=6", f"encoder.cache_dir={cache_dir}",
         "model.prototype_dim=32", "train.batch_size=64",
     ])
+
+
+@contextlib.contextmanager
+def restored_mlflow_uris():
+    """Put MLflow's global tracking and registry URIs back as they were on entry.
+
+    Loading a model in-process (`tuning.serving.load_model`, `mlflow.pyfunc.load_model`) goes
+    through `mlflow.set_tracking_uri` / `set_registry_uri`, which set process-wide globals and
+    mirror them into MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI in os.environ. Left behind, they
+    point later tests' clients and subprocesses at a store that is gone: reset both the globals
+    and the env vars (removed again where they were unset). A context manager so fixtures of
+    any scope can use it; `restore_mlflow_uris` is the per-test fixture."""
+    import mlflow
+
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = {k: os.environ.get(k) for k in keys}
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def restore_mlflow_uris():
+    """For a test that loads a model in-process: MLflow's global URIs (and their env vars)
+    are put back after it (see `restored_mlflow_uris`)."""
+    with restored_mlflow_uris():
+        yield
 
 
 def free_port() -> int:

@@ -59,23 +59,6 @@ def fp32_graph(trained) -> bytes:
     return export_model(trained[0], int8=False)
 
 
-@pytest.fixture
-def restore_mlflow_uris():
-    """load_model sets MLflow's global URIs (and their env vars): put them back afterwards."""
-    import mlflow
-
-    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    saved = {k: os.environ.get(k) for k in keys}
-    yield
-    mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
-    mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
 def test_an_fp32_export_predicts_exactly_what_the_model_predicts(trained, expected, fp32_graph):
     model, texts = trained
     agreement = check_graph(model, fp32_graph, False, texts, expected)

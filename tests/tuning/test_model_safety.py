@@ -7,7 +7,6 @@ its marker file uncreated when loaded through us.
 """
 from __future__ import annotations
 
-import os
 import pickle
 import shutil
 from pathlib import Path
@@ -44,21 +43,10 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[HPNClassifier, Path
 
 
 @pytest.fixture
-def tracking_uri(tmp_path: Path):
+def tracking_uri(tmp_path: Path, restore_mlflow_uris) -> str:
     """A store of the test's own; `load_model` sets MLflow's global URIs (and the env vars
-    MLflow mirrors them to): restore them afterwards."""
-    import mlflow
-
-    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    before = {k: os.environ.get(k) for k in keys}
-    yield f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(before["MLFLOW_TRACKING_URI"])
-    mlflow.set_registry_uri(before["MLFLOW_REGISTRY_URI"])
-    for key, value in before.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    MLflow mirrors them to): `restore_mlflow_uris` puts them back afterwards."""
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
 def _copy(saved_dir: Path, tmp_path: Path) -> Path:

@@ -174,24 +174,6 @@ def model_name() -> str:
     return f"hpn-test-{uuid.uuid4().hex[:10]}"
 
 
-@pytest.fixture
-def restore_mlflow_uris():
-    """`mlflow.pyfunc.load_model` in-process goes through `mlflow.set_tracking_uri`, which
-    also writes MLFLOW_TRACKING_URI into os.environ: undo it so later tests see a clean env."""
-    import mlflow
-
-    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    saved = {k: os.environ.get(k) for k in keys}
-    yield
-    mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
-    mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
 def _subprocess_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     return {**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
