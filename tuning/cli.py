@@ -141,6 +141,8 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"best {summary['best_metric']} {summary['best_value']:.4f}, "
               f"{summary['best_test_metric']} {summary['best_test_value']:.4f}{over} with:")
         _print_table(summary["best_config"])
+    if summary.get("objectives"):  # a multi-objective study: the best primary is one end
+        print(run_front_line(summary, opts))
     if summary.get("registered_version"):
         what = "registered as" if summary.get("registered_new") else "the best trial is already"
         where = _store_flags(opts, model_name=True)
@@ -154,6 +156,14 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     experiment = "" if opts.experiment == "hpn-tune" else f" --experiment {shlex.quote(opts.experiment)}"
     print(f"browse it: hpn-tune ui --tracking-uri {shlex.quote(summary['tracking_uri'])}{experiment}")
     return summary
+
+
+def run_front_line(summary: dict[str, Any], opts: Any) -> str:
+    """What `run` prints for a multi-objective study: how many trials are on its Pareto front,
+    over which metrics, and the `show` command that marks them."""
+    return (f"pareto front: {len(summary['pareto_run_ids'])} trials over "
+            f"{', '.join(summary['objectives'])}; list them with: "
+            f"hpn-tune show {shlex.quote(summary['study'])}{_store_flags(opts)}")
 
 
 def _store_flags(opts: Any, model_name: bool = False) -> str:
@@ -341,14 +351,21 @@ def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
     })
     print()
     if s["trials"]:
-        metrics = s["trial_metrics"]  # the task's: val/test primary (and joint's MAE), runtime
+        # the task's: val/test primary (and joint's MAE), a multi-objective study's other
+        # objectives, runtime
+        metrics = s["trial_metrics"]
+        front = "objectives" in s  # a multi-objective study: its Pareto front is marked
         _print_rows(
-            ["RUN", "RUN ID", "STATE", *map(_metric_column, metrics), *s["searched"]],
+            ["RUN", "RUN ID", "STATE", *(["PARETO"] if front else []),
+             *map(_metric_column, metrics), *s["searched"]],
             [[t["run_name"], t["run_id"], t["state"],
+              *(["*" if t["pareto"] else ""] if front else []),
               *(_cell(t[m], 1 if m == M.RUNTIME_S else 4) for m in metrics),
               *(_cell(t["params"][k], 0) for k in s["searched"])] for t in s["trials"]])
         if len(s["trials"]) < s["trials_total"]:
             print(f"({s['trials_total'] - len(s['trials'])} more; --limit 0 lists all)")
+        if front:
+            print(_front_line(s))
     else:
         print("no trials yet")
     print()
@@ -361,6 +378,14 @@ def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
               f"({s['best_test_metric']} {_cell(s['best_test_value'])}); "
               f"promote it: {s['promote_command']}")
     return s
+
+
+def _front_line(s: dict[str, Any]) -> str:
+    """How many trials a multi-objective study's Pareto front holds and over what, so the `*`
+    column reads without knowing how the study was run."""
+    over = ", ".join(f"{m} ({mode})" for m, mode in zip(s["objectives"], s["objective_modes"]))
+    return (f"pareto front: {s['trials_pareto']} of {s['trials_completed']} completed trials "
+            f"(* in PARETO), over {over}")
 
 
 def cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
@@ -397,7 +422,11 @@ _STUDY_EPILOGS = {
     "show": """examples:
   hpn-tune show my-study
   hpn-tune show my-study --limit 5
-  hpn-tune show my-study --json | tail -n 1  # header, trials, best_run_id, report_uri""",
+  hpn-tune show my-study --json | tail -n 1  # header, trials, best_run_id, report_uri
+
+a multi-objective study (--sampler nsga2) also lists each trial's objective metrics
+(latency_p50_ms, model_size_mb, peak_rss_mb) and marks its Pareto front over all its
+objectives with * in PARETO (--json: objectives, trials_pareto, each trial's pareto)""",
     "compare": """examples:
   hpn-tune compare tpe-study random-study
   hpn-tune compare tpe-study random-study cmaes-study --output compare.png""",

@@ -15,12 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +52,7 @@ from tuning.tracking import (
     ROLE_TAG,
     STUDY_TAG,
     TRIAL_ID_TAG,
+    no_download_bar,
     run_task,
 )
 
@@ -165,33 +162,13 @@ def _model_location(client: MlflowClient, run: Any) -> tuple[str, str] | None:
 _LOADABLE: set[str] = set()
 
 
-_QUIET = threading.Lock()
-_PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-
-
-@contextmanager
-def _no_progress_bar() -> Iterator[None]:
-    """MLflow draws a download bar on stderr; promote's answer is one line. The variable is
-    read per download, so it is set for this one and put back (locked: threads promote)."""
-    with _QUIET:
-        saved = os.environ.get(_PROGRESS_BAR)
-        os.environ[_PROGRESS_BAR] = "false"
-        try:
-            yield
-        finally:
-            if saved is None:
-                os.environ.pop(_PROGRESS_BAR, None)
-            else:
-                os.environ[_PROGRESS_BAR] = saved
-
-
 def _files_digest(client: MlflowClient, source: str) -> str:
     """sha256 over the model's files, but the model card: registering writes the card into
     them (a new one per version) and loading never reads it."""
     import mlflow.artifacts
 
     digest = hashlib.sha256()
-    with tempfile.TemporaryDirectory() as tmp, _no_progress_bar():
+    with tempfile.TemporaryDirectory() as tmp, no_download_bar():
         root = Path(mlflow.artifacts.download_artifacts(
             artifact_uri=source, dst_path=tmp, tracking_uri=client.tracking_uri))
         for path in sorted(p for p in root.rglob("*") if p.is_file()):

@@ -335,18 +335,35 @@ class LatencyFrontData(NamedTuple):
     runtime_pareto: np.ndarray  # (n,) bool: the same, among the trials of its own runtime
 
 
+def pareto_front(values: np.ndarray, modes: list[str] | tuple[str, ...]) -> np.ndarray:
+    """(n,) True where no other point is at least as good on every objective (column j in
+    `modes[j]`, "max" or "min") and strictly better on one: the front of any number of
+    objectives, one implementation for the plot and `hpn-tune show`. Equal points are all on
+    it (neither beats the other). A point missing a value (NaN, inf) can be neither compared
+    nor ranked: it is not on the front and puts no other point off it."""
+    for mode in modes:
+        _check_mode(mode)
+    points = np.asarray(values, dtype=float)  # (n, k)
+    if points.ndim != 2 or points.shape[1] != len(modes):
+        raise ValueError(f"values: expected (n, {len(modes)}) for {len(modes)} modes, "
+                         f"got shape {points.shape}")
+    sign = np.array([1.0 if mode == "max" else -1.0 for mode in modes])
+    better_up = points * sign  # every column higher is better
+    finite = np.isfinite(points).all(axis=1)
+    keep = finite.copy()
+    rivals = better_up[finite]
+    for i in np.flatnonzero(finite):
+        no_worse = (rivals >= better_up[i]).all(axis=1)
+        strictly = (rivals > better_up[i]).any(axis=1)
+        keep[i] = not np.any(no_worse & strictly)
+    return keep
+
+
 def pareto_mask(value: np.ndarray, latency: np.ndarray, mode: str = "max") -> np.ndarray:
     """(n,) True where no other point is at least as good in both (value in `mode`, latency
     lower) and strictly better in one: the 2-D Pareto front this plot draws."""
-    _check_mode(mode)
-    v = np.asarray(value, dtype=float) * (1 if mode == "max" else -1)  # higher is better
-    lat = np.asarray(latency, dtype=float)
-    keep = np.ones(len(v), dtype=bool)
-    for i in range(len(v)):
-        no_worse = (v >= v[i]) & (lat <= lat[i])
-        better = (v > v[i]) | (lat < lat[i])
-        keep[i] = not np.any(no_worse & better)
-    return keep
+    return pareto_front(np.column_stack([np.asarray(value, dtype=float),
+                                         np.asarray(latency, dtype=float)]), (mode, "min"))
 
 
 def latency_front_data(trials: pd.DataFrame, objective: str, mode: str = "max",

@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from hpn.errors import HPNInputError
-from tuning.tracking import bound_http_retries, resolve_tracking_uri
+from tuning.tracking import bound_http_retries, no_download_bar, resolve_tracking_uri
 
 # tuning.pyfunc (TEXT_COLUMN, the loader) is imported where used: it imports torch, 3 s that
 # `hpn-tune ui` and `dashboard`, which import this module too, should not pay.
@@ -116,7 +116,7 @@ def load_model(model_uri: str, tracking_uri: str | None = None) -> Any:
     bound_http_retries()  # a server that is down fails this in about a minute, not four
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    with tempfile.TemporaryDirectory(prefix="hpn-model-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="hpn-model-") as tmp, no_download_bar():
         try:
             local = mlflow.artifacts.download_artifacts(
                 artifact_uri=model_uri, dst_path=tmp, tracking_uri=uri, registry_uri=uri)

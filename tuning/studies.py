@@ -7,13 +7,13 @@ compare` print; the comparison plot is data (`CompareData`) apart from its drawi
 
 Each study is read by its own task (its run's `hpn.task` tag; none: classification): its
 primary metric and direction rank its trials and name its best, and studies of different
-tasks are not compared on one axis.
+tasks are not compared on one axis. A multi-objective study (nsga2) is also shown by its other
+objectives' metrics, with its Pareto front over all of them marked.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import shlex
 import tempfile
 from dataclasses import dataclass
@@ -29,7 +29,8 @@ from hpn import metrics as M
 from hpn.errors import HPNInputError
 from hpn.tasks import TaskSpec, task_spec
 from tuning import tracking
-from tuning.report import best_config
+from tuning.objectives import DEFAULT_OBJECTIVES, objective_metrics
+from tuning.report import best_config, pareto_front
 from tuning.tracking import trials_frame
 
 #: The parent run's MLflow status in words: a study stopped by Ctrl-C or a killed driver is
@@ -46,11 +47,47 @@ def study_spec(run: Any) -> TaskSpec:
     return task_spec(tracking.run_task(run))
 
 
-def trial_metrics(spec: TaskSpec) -> tuple[str, ...]:
+class Objectives(NamedTuple):
+    """What a multi-objective study optimised, as its sampler saw it: the metrics, the task's
+    primary first, and each one's direction ("max" or "min")."""
+
+    metrics: list[str]
+    modes: list[str]
+
+
+def study_objectives(run: Any, spec: TaskSpec) -> Objectives | None:
+    """A multi-objective study's objectives from its run's tags (None: one objective): the
+    primary in its direction, then each `--objectives` metric, minimised. Read as the study
+    ran them: a study from before --objectives optimised memory, which is VRAM when its
+    trials had a GPU (as tuning.study._finish resolves it)."""
+    from tuning.samplers import MULTI_OBJECTIVE  # Optuna: imported only when a study is read
+
+    tags = run.data.tags
+    if tags.get(tracking.SAMPLER_TAG) not in MULTI_OBJECTIVE:
+        return None
+    names = tuple(tags.get(tracking.OBJECTIVES_TAG, ",".join(DEFAULT_OBJECTIVES)).split(","))
+    extra = objective_metrics(names, float(tags.get(tracking.GPUS_PER_TRIAL_TAG) or 0))
+    return Objectives([spec.primary, *extra], [spec.mode, *["min"] * len(extra)])
+
+
+def pareto_flags(frame: pd.DataFrame, objectives: Objectives) -> pd.Series:
+    """Per trial, whether it is on the study's Pareto front: among the completed trials, no
+    other is as good on every objective and better on one. A trial that did not complete, or
+    lacks an objective's value, is neither on the front nor keeps another off it."""
+    if frame.empty:  # no trial yet: no columns either
+        return pd.Series(False, index=frame.index, dtype=bool)
+    values = np.column_stack([_column(frame, m).to_numpy() for m in objectives.metrics])
+    values[~frame["state"].eq("completed").to_numpy()] = math.nan
+    return pd.Series(pareto_front(values, objectives.modes), index=frame.index)
+
+
+def trial_metrics(spec: TaskSpec, objectives: Objectives | None = None) -> tuple[str, ...]:
     """The metrics `show` lists per trial: the primary and its test counterpart, each other
-    gate's metric and its test counterpart (joint: val_mae, test_mae), then the runtime.
-    Classification: TRIAL_METRICS."""
-    return (*spec.headline(), M.RUNTIME_S)
+    gate's metric and its test counterpart (joint: val_mae, test_mae), a multi-objective
+    study's other objectives (latency_p50_ms, ...), then the runtime. Classification:
+    TRIAL_METRICS."""
+    extra = objectives.metrics[1:] if objectives else []
+    return tuple(dict.fromkeys((*spec.headline(), *extra, M.RUNTIME_S)))
 
 
 def _best_fields(spec: TaskSpec, best: Any) -> dict[str, Any]:
@@ -206,8 +243,8 @@ def searched_keys(store: Store, run: Any, frame: pd.DataFrame) -> tuple[list[str
         except HPNInputError:
             pass  # edited since into something else: the logged copy is what ran
     # No artifact, or unreadable: fall back to the trials.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file
-    with contextlib.suppress(Exception), tempfile.TemporaryDirectory() as tmp:
+    with contextlib.suppress(Exception), tempfile.TemporaryDirectory() as tmp, \
+            tracking.no_download_bar():
         logged = Path(store.client.download_artifacts(run.info.run_id, "space", tmp))
         files = sorted(logged.glob("*.y*ml"))
         if files:
@@ -231,10 +268,13 @@ def _promote_command(store: Store, run_id: str) -> str:
 def show_study(store: Store, name: str, limit: int | None = None) -> dict[str, Any]:
     """A study's header, its trials best first (completed, then pruned, then errored; by
     its task's primary metric in its direction), where its report is and the command that
-    promotes its best trial."""
+    promotes its best trial. A multi-objective study's trials also carry its other
+    objectives' metrics and whether each is on its Pareto front: the primary alone does not
+    say which trade-offs the study found."""
     run = _study_run(store, name)
     spec = study_spec(run)
-    metrics = trial_metrics(spec)
+    objectives = study_objectives(run, spec)
+    metrics = trial_metrics(spec, objectives)
     frame = _frame(store, run.info.run_id)
     keys, keys_from = searched_keys(store, run, frame)
     header = {**_study_header(run), **_state_counts(frame.get("state", [])),
@@ -244,7 +284,8 @@ def show_study(store: Store, name: str, limit: int | None = None) -> dict[str, A
             if not frame.empty else None)
     if not frame.empty:
         ranked = frame.assign(_rank=frame["state"].map(TRIAL_ORDER).fillna(len(TRIAL_ORDER)),
-                              _val=_column(frame, spec.primary))
+                              _val=_column(frame, spec.primary),
+                              _pareto=pareto_flags(frame, objectives) if objectives else False)
         ranked = ranked.sort_values(["_rank", "_val", "order"],
                                     ascending=[True, spec.mode == "min", True],
                                     na_position="last", kind="stable")
@@ -252,12 +293,14 @@ def show_study(store: Store, name: str, limit: int | None = None) -> dict[str, A
             trials.append({
                 "run_name": row["run_name"], "run_id": row["run_id"],
                 "state": row["state"],
+                **({"pareto": bool(row["_pareto"])} if objectives else {}),
                 **{m: _num(row.get(m)) for m in metrics},
                 "params": {k: _plain(row.get(f"params.{k}")) for k in keys},
             })
     report = [f.path for f in store.client.list_artifacts(run.info.run_id, "report")]
     result = {
         **header,
+        **(_front_fields(objectives, trials) if objectives else {}),
         "trials_total": len(trials),
         "trials": trials[:limit] if limit else trials,
         "best_run_id": best.run["run_id"] if best is not None else None,
@@ -268,6 +311,13 @@ def show_study(store: Store, name: str, limit: int | None = None) -> dict[str, A
         "promote_command": _promote_command(store, best.run["run_id"]) if best is not None else None,
     }
     return result
+
+
+def _front_fields(objectives: Objectives, trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """A multi-objective study's objectives and how many trials are on its front (of all its
+    trials, not only those --limit lists); a one-objective study has none of these keys."""
+    return {"objectives": objectives.metrics, "objective_modes": objectives.modes,
+            "trials_pareto": sum(t["pareto"] for t in trials)}
 
 
 class CompareData(NamedTuple):

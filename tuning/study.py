@@ -773,6 +773,8 @@ def _finish(client: Any, experiment_id: str, parent: str, name: str, plan: Study
         client.log_metric(parent, f"best_{spec.primary}", best.objective_mean)
         client.log_metric(parent, f"best_{spec.test_primary}", best.test_mean)
         client.set_tag(parent, tracking.BEST_RUN_TAG, best.run["run_id"])
+    if objectives:  # what the study traded against its primary, not only its best primary
+        summary.update(_front_summary(trials_df, objectives, spec))
     for key in ("trials_completed", "trials_pruned", "trials_errored", "trials_lost"):
         client.log_metric(parent, key, summary[key])
     client.set_terminated(parent, "FINISHED")
@@ -799,6 +801,18 @@ def _finish(client: Any, experiment_id: str, parent: str, name: str, plan: Study
                            registration_refused=str(exc))
             client.set_tag(parent, NOT_REGISTERED_TAG, str(exc)[:5000])
     return summary
+
+
+def _front_summary(trials_df: pd.DataFrame, objectives: list[str],
+                   spec: TaskSpec) -> dict[str, Any]:
+    """A multi-objective study's objectives (primary first) and its Pareto-optimal trials'
+    run ids, as `hpn-tune show` marks them: its best primary is only one end of the front."""
+    from tuning.studies import Objectives, pareto_flags
+
+    modes = [spec.mode, *["min"] * (len(objectives) - 1)]
+    front = pareto_flags(trials_df, Objectives(list(objectives), modes))
+    ids = trials_df.loc[front, "run_id"].tolist() if front.any() else []
+    return {"objectives": list(objectives), "pareto_run_ids": ids}
 
 
 def resume_command(opts: StudyOptions, name: str, extend_to: int | None = None) -> str:
@@ -867,8 +881,7 @@ def _best_model_tsne(run_id: str, data: Any, tracking_uri: str) -> Any:
 
     if data.features is None or data.corpus.labels is None:
         return None  # no cached embeddings, or no classes to colour them by (regression)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, tracking.no_download_bar():
         client = MlflowClient(tracking_uri, tracking_uri)
         head = HPNClassifier.load(download_hpn(client, run_id, tmp)).head
     test = data.split.test

@@ -9,7 +9,10 @@ import json
 import os
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -630,3 +633,22 @@ def log_study_wall(client: Any, parent: str, session_started: float) -> float:
     return total
 
 
+_DOWNLOAD_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+_DOWNLOAD_BAR_LOCK = threading.Lock()
+
+
+@contextmanager
+def no_download_bar() -> Iterator[None]:
+    """MLflow draws a download bar on stderr for every artifact download; our commands answer
+    in their own lines (`predict`, `promote`, a study's report). MLflow reads the variable per
+    download, so it is set for this one and put back (locked: threads download too)."""
+    with _DOWNLOAD_BAR_LOCK:
+        saved = os.environ.get(_DOWNLOAD_BAR)
+        os.environ[_DOWNLOAD_BAR] = "false"
+        try:
+            yield
+        finally:
+            if saved is None:
+                os.environ.pop(_DOWNLOAD_BAR, None)
+            else:
+                os.environ[_DOWNLOAD_BAR] = saved

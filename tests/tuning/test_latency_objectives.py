@@ -1,8 +1,11 @@
 """Latency and size as study objectives: a real nsga2 study trading accuracy against them,
-searching the encoder runtime; its objectives survive a resume; bad flags exit 2."""
+searching the encoder runtime; `hpn-tune show` lists its objectives and marks its Pareto
+front; its objectives survive a resume; bad flags exit 2."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import optuna
@@ -12,10 +15,27 @@ from mlflow.tracking import MlflowClient
 
 from hpn import metrics as M
 from hpn.errors import HPNInputError
-from tuning.cli import main
-from tuning.report import LATENCY_FRONT_FILE, latency_front_data, pareto_mask
+from hpn.tasks import task_spec
+from tuning.cli import main, run_front_line
+from tuning.report import LATENCY_FRONT_FILE, latency_front_data, pareto_front, pareto_mask
+from tuning.studies import (
+    TRIAL_METRICS,
+    Objectives,
+    pareto_flags,
+    study_objectives,
+    trial_metrics,
+)
 from tuning.study import StudyOptions, _resume_plan, run_study
-from tuning.tracking import ENCODER_RUNTIME_TAG, OBJECTIVES_TAG, STATE_TAG, trial_runs
+from tuning.tracking import (
+    ENCODER_RUNTIME_TAG,
+    GPUS_PER_TRIAL_TAG,
+    OBJECTIVES_TAG,
+    SAMPLER_TAG,
+    STATE_TAG,
+    trial_runs,
+)
+
+OBJECTIVE_METRICS = [M.VAL_ACCURACY, M.LATENCY_P50_MS, M.MODEL_SIZE_MB]
 
 SPACE = """\
 # Accuracy against serving cost.
@@ -89,8 +109,52 @@ def test_the_report_has_the_pareto_front_and_the_latency_front_by_runtime(study)
     report = {f.path for f in client.list_artifacts(summary["parent_run_id"], "report")}
     assert {f"report/{LATENCY_FRONT_FILE}", "report/pareto_front.png"} <= report
     local = client.download_artifacts(summary["parent_run_id"], "report/plots.json", str(tmp))
-    plots = json.loads(open(local).read())
+    plots = json.loads(Path(local).read_text())
     assert plots[LATENCY_FRONT_FILE] == plots["pareto_front.png"] == "written"
+
+
+def beats(a: list[float], b: list[float]) -> bool:
+    """Does trial `a` dominate `b` on (val_accuracy max, latency min, size min)?"""
+    up_a, up_b = [a[0], -a[1], -a[2]], [b[0], -b[1], -b[2]]
+    return all(x >= y for x, y in zip(up_a, up_b)) and any(x > y for x, y in zip(up_a, up_b))
+
+
+def test_show_lists_the_objectives_and_marks_the_pareto_front_over_all_three(
+        study, mlflow_server, capsys):
+    tmp, summary, _ = study
+    assert main(["show", "lat", "--tracking-uri", mlflow_server, "--json"]) == 0
+    out = capsys.readouterr().out
+    shown = json.loads(out.strip().splitlines()[-1])
+    assert shown["objectives"] == summary["objectives"] == OBJECTIVE_METRICS
+    assert shown["objective_modes"] == ["max", "min", "min"]
+    assert shown["trial_metrics"] == [M.VAL_ACCURACY, M.TEST_ACCURACY, M.LATENCY_P50_MS,
+                                      M.MODEL_SIZE_MB, M.RUNTIME_S]
+    done = [t for t in shown["trials"] if t["state"] == "completed"]
+    points = {t["run_id"]: [t[m] for m in OBJECTIVE_METRICS] for t in done}
+    assert len(points) == 3 and all(v is not None for p in points.values() for v in p)
+    # on the front exactly when no other completed trial beats it on all three at once
+    front = {t["run_id"] for t in shown["trials"] if t["pareto"]}
+    assert front == {r for r, p in points.items()
+                     if not any(beats(q, p) for o, q in points.items() if o != r)}
+    assert front and shown["trials_pareto"] == len(front)
+    assert front == set(summary["pareto_run_ids"])  # the study's own summary agrees
+    opts = options(tmp, None, mlflow_server)
+    assert run_front_line(summary, opts) == (
+        f"pareto front: {len(front)} trials over val_accuracy, latency_p50_ms, model_size_mb; "
+        f"list them with: hpn-tune show lat --tracking-uri {mlflow_server}")
+    # ranked by the primary as before: the front does not reorder the trials
+    vals = [t[M.VAL_ACCURACY] for t in done]
+    assert vals == sorted(vals, reverse=True)
+
+    assert main(["show", "lat", "--tracking-uri", mlflow_server]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("RUN "))
+    assert header.split()[:10] == ["RUN", "RUN", "ID", "STATE", "PARETO", "VAL_ACC",
+                                   "TEST_ACC", "LATENCY_P50_MS", "MODEL_SIZE_MB", "RUNTIME_S"]
+    rows = {line.split()[1]: line.split() for line in out.splitlines() if line.startswith("lat-t")}
+    assert {r for r, cells in rows.items() if cells[3] == "*"} == front
+    assert (f"pareto front: {len(front)} of 3 completed trials (* in PARETO), over "
+            "val_accuracy (max), latency_p50_ms (min), model_size_mb (min)") in out
 
 
 def test_a_resume_keeps_the_studys_objectives_and_refuses_others(study, mlflow_server):
@@ -127,6 +191,61 @@ def test_the_pareto_mask_keeps_trials_no_other_beats_on_both():
     assert pareto_mask(value, lat).tolist() == [True, True, True, False, False]
     # an error metric, lower is better: 0.7 at 11 ms, and 0.8 at 10 ms (the fastest)
     assert pareto_mask(value, lat, "min").tolist() == [False, True, False, True, False]
+
+
+def test_the_pareto_front_of_n_objectives_keeps_ties_and_drops_missing_values():
+    modes = ["max", "min", "min"]  # accuracy, latency, size
+    points = np.array([
+        [0.9, 10.0, 5.0],   # 0: on the front
+        [0.9, 10.0, 5.0],   # 1: equal to 0: neither beats the other, both stay
+        [0.9, 10.0, 6.0],   # 2: as good as 0 but bigger: off
+        [0.8, 5.0, 9.0],    # 3: the fastest, less accurate: on
+        [0.95, np.nan, 1.0],  # 4: no latency: off, and keeps nothing else off
+        [0.7, 12.0, 4.0],   # 5: the smallest: on, though worst on the other two
+        [0.7, 12.0, 4.5],   # 6: beaten by 5 on size alone: off
+    ])
+    assert pareto_front(points, modes).tolist() == [True, True, False, True, False, True, False]
+    # the primary's direction decides: as a score 0.9 beats 0.8 at equal cost, as an error
+    # (val_mae, lower is better) 0.8 beats 0.9
+    same_cost = np.array([[0.9, 10.0, 5.0], [0.8, 10.0, 5.0]])
+    assert pareto_front(same_cost, modes).tolist() == [True, False]
+    assert pareto_front(same_cost, ["min", "min", "min"]).tolist() == [False, True]
+    # one objective: the best value, ties included
+    assert pareto_front(np.array([[1.0], [3.0], [3.0]]), ["max"]).tolist() == [False, True, True]
+    assert pareto_front(np.empty((0, 3)), modes).tolist() == []
+    with pytest.raises(ValueError, match="mode"):
+        pareto_front(points, ["max", "min", "up"])
+    with pytest.raises(ValueError, match="values"):
+        pareto_front(points, ["max", "min"])
+
+
+def test_pareto_flags_count_completed_trials_with_every_objective_only():
+    trials = pd.DataFrame({
+        "state": ["completed", "completed", "pruned", "completed", "error"],
+        M.VAL_ACCURACY: [0.8, 0.7, 0.99, 0.9, None],
+        M.LATENCY_P50_MS: [10.0, 8.0, 1.0, None, 1.0],
+    })
+    objectives = Objectives([M.VAL_ACCURACY, M.LATENCY_P50_MS], ["max", "min"])
+    # the pruned trial would beat both, and the 0.9 has no latency: neither counts
+    assert pareto_flags(trials, objectives).tolist() == [True, True, False, False, False]
+    assert pareto_flags(pd.DataFrame(), objectives).tolist() == []
+
+
+def test_study_objectives_read_the_runs_tags_and_a_single_objective_study_has_none():
+    spec = task_spec("classification")
+
+    def run(**tags: str) -> SimpleNamespace:
+        return SimpleNamespace(data=SimpleNamespace(tags=tags))
+
+    assert study_objectives(run(**{SAMPLER_TAG: "tpe"}), spec) is None
+    assert study_objectives(run(), spec) is None  # no sampler recorded
+    assert trial_metrics(spec) == TRIAL_METRICS  # what `show` always listed
+    got = study_objectives(run(**{SAMPLER_TAG: "nsga2", OBJECTIVES_TAG: "latency,size"}), spec)
+    assert got == Objectives(OBJECTIVE_METRICS, ["max", "min", "min"])
+    # before --objectives a multi-objective study optimised memory: VRAM when it had a GPU
+    old = study_objectives(run(**{SAMPLER_TAG: "nsga2", GPUS_PER_TRIAL_TAG: "0.25"}), spec)
+    assert old == Objectives([M.VAL_ACCURACY, M.PEAK_VRAM_MB], ["max", "min"])
+    assert trial_metrics(spec, old) == (*TRIAL_METRICS[:2], M.PEAK_VRAM_MB, M.RUNTIME_S)
 
 
 def test_the_latency_front_keeps_completed_trials_by_runtime_with_each_runtimes_front():
