@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import tempfile
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -252,6 +254,23 @@ def model_metadata(model: HPNClassifier) -> dict[str, Any]:
     return meta
 
 
+@contextmanager
+def _quiet_save() -> Iterator[None]:
+    """MLflow's save_model logs "Validating input example against model signature" (INFO) and
+    draws a bar as it copies the artifacts: neither is news in `export --register`'s output or
+    a trial's log. The logger's level is put back after."""
+    from tuning.tracking import no_download_bar
+
+    log = logging.getLogger("mlflow.pyfunc")
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))
+    try:
+        with no_download_bar():
+            yield
+    finally:
+        log.setLevel(level)
+
+
 def save_pyfunc(model: HPNClassifier, path: str | Path, mlflow_model: Any = None,
                 graph: bytes | None = None, serving_format: str = TORCH_FORMAT) -> Path:
     """Write an MLflow pyfunc directory for `model` at `path` (which must not exist);
@@ -262,7 +281,7 @@ def save_pyfunc(model: HPNClassifier, path: str | Path, mlflow_model: Any = None
     import mlflow.pyfunc
 
     metadata = {**model_metadata(model), SERVING_FORMAT_METADATA: serving_format}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _quiet_save():
         weights = model.save(Path(tmp) / HPN_ARTIFACT)
         if graph is not None:
             (weights / GRAPH_FILE).write_bytes(graph)
