@@ -62,12 +62,12 @@ def format_summary(summary: dict[str, Any]) -> list[str]:
     source = summary["source"] + (f" ({summary['path']})" if summary.get("path") else "")
     size = summary["size"]
     split = summary["split"]
-    lines = [
-        f"source       {source}",
-        f"labels       {summary['labels']}",
-        f"size         {size}",
-        f"classes      {summary['num_classes']}",
-    ]
+    lines = [f"source       {source}"]
+    if summary["num_classes"]:  # a regression corpus has no labels: no "classes 0" line
+        lines.append(f"labels       {summary['labels']}")
+    lines.append(f"size         {size}")
+    if summary["num_classes"]:
+        lines.append(f"classes      {summary['num_classes']}")
     width = max((len(name) for name in summary["label_counts"]), default=0)
     for name, count in summary["label_counts"].items():
         lines.append(f"  {name:<{width}}  {count:>7}  {100.0 * count / max(size, 1):5.1f}%")
