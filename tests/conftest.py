@@ -71,6 +71,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def served_in_thread(app):
+    """An ASGI app (`tuning.serving.scoring_app`) served by uvicorn in a daemon thread on a
+    free port, as `hpn-tune serve` serves it: yields the port once uvicorn is accepting, and
+    stops it after. For the request contract; `hpn-tune serve` itself runs in a subprocess."""
+    import threading
+    import time
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 60
+        while not server.started:
+            assert thread.is_alive() and time.time() < deadline, "uvicorn did not start"
+            time.sleep(0.1)
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+
+
 @pytest.fixture(scope="session")
 def ray_runtime():
     """One Ray runtime per test session. It declares one GPU (Ray allows that on a CPU

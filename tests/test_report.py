@@ -58,6 +58,25 @@ def test_best_trial_is_the_completed_trial_with_the_highest_objective():
     assert best_config(trials, "val_accuracy").run["trial_id"] == "t3"
 
 
+def test_a_tie_on_the_objective_goes_to_the_cheaper_trial_when_costs_are_given():
+    """A multi-objective study's best: two trials at the same accuracy, the faster wins (the
+    other is dominated); latency tied too, the smaller; without costs the first, as before."""
+    trials = _trials([
+        {"state": "completed", "val_accuracy": 0.8},
+        {"state": "completed", "val_accuracy": 0.8},
+        {"state": "completed", "val_accuracy": 0.8},
+        {"state": "completed", "val_accuracy": 0.7},
+    ])
+    trials["latency_p50_ms"] = [16.3, 6.8, 6.8, 1.0]
+    trials["model_size_mb"] = [86.0, 22.0, 21.0, 5.0]
+
+    assert best_config(trials, "val_accuracy").run["trial_id"] == "t0"
+    costs = ["latency_p50_ms", "model_size_mb"]
+    assert best_config(trials, "val_accuracy", tie_break=costs).run["trial_id"] == "t2"
+    trials.loc[2, "model_size_mb"] = np.nan  # a missing cost loses the tie
+    assert best_config(trials, "val_accuracy", tie_break=costs).run["trial_id"] == "t1"
+
+
 def test_best_trial_is_none_when_nothing_completed():
     trials = _trials([{"state": "error", "val_accuracy": np.nan}])
     assert best_config(trials, "val_accuracy") is None

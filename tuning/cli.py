@@ -161,7 +161,8 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
 def run_front_line(summary: dict[str, Any], opts: Any) -> str:
     """What `run` prints for a multi-objective study: how many trials are on its Pareto front,
     over which metrics, and the `show` command that marks them."""
-    return (f"pareto front: {len(summary['pareto_run_ids'])} trials over "
+    count = len(summary["pareto_run_ids"])
+    return (f"pareto front: {count} trial{'' if count == 1 else 's'} over "
             f"{', '.join(summary['objectives'])}; list them with: "
             f"hpn-tune show {shlex.quote(summary['study'])}{_store_flags(opts)}")
 

@@ -1,12 +1,21 @@
 """What a multi-objective study optimises beside the task's primary metric (`--objectives`).
 
-Apart from tuning/samplers.py so the study driver can read and check objectives without
-importing Optuna (the CLI's refusals come before any heavy import).
+Apart from tuning/samplers.py so the study driver and `hpn-tune show` can read and check
+objectives without importing Optuna (the CLI's refusals come before any heavy import).
+`objectives_for` is the one place a study's objective metrics and directions are derived:
+the Optuna study's directions, Ray Tune's metric and mode lists, the study summary and `show`.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 from hpn import metrics as M
 from hpn.errors import HPNInputError
+from hpn.tasks import TaskSpec
+
+#: the `--sampler` names that optimise several metrics at once (a Pareto front)
+MULTI_OBJECTIVE = frozenset({"nsga2"})
 
 #: `--objectives`: what a multi-objective study optimises beside the task's primary metric,
 #: each minimised. memory is the trial's peak (VRAM on a GPU study, else RSS: which one is
@@ -34,7 +43,28 @@ def parse_objectives(text: str) -> tuple[str, ...]:
     return names
 
 
-def objective_metrics(objectives: tuple[str, ...], gpus: float) -> list[str]:
+def objective_metrics(objectives: Sequence[str], gpus: float) -> list[str]:
     """The metrics `objectives` stand for, in order (each minimised)."""
     memory = M.PEAK_VRAM_MB if gpus > 0 else M.PEAK_RSS_MB
     return [_OBJECTIVE_METRICS.get(name, memory) for name in objectives]
+
+
+class Objectives(NamedTuple):
+    """What a multi-objective study optimises, as its sampler sees it: the metrics, the task's
+    primary first, and each one's direction ("max" or "min")."""
+
+    metrics: list[str]
+    modes: list[str]
+
+    @property
+    def directions(self) -> list[str]:
+        """The modes in Optuna's words ("maximize", "minimize")."""
+        return ["maximize" if mode == "max" else "minimize" for mode in self.modes]
+
+
+def objectives_for(spec: TaskSpec, names: Sequence[str], gpus: float) -> Objectives:
+    """A multi-objective study's objectives: the task's primary in its direction, then the
+    metric of each of `names` (`--objectives`), minimised. `gpus`: the trials' GPUs, which
+    say whether memory is peak VRAM (> 0) or peak RSS."""
+    extra = objective_metrics(names, gpus)
+    return Objectives([spec.primary, *extra], [spec.mode, *["min"] * len(extra)])

@@ -93,7 +93,7 @@ def _texts(model_input: Any) -> list[str]:
             shown += "" if isinstance(value, str) else f" ({type(value).__name__})"
             raise MlflowException.invalid_parameter_value(
                 f"`{TEXT_COLUMN}` row {row} (counting from 0) is {shown}: "
-                "each text must be a non-empty string")
+                "each text must be a string with a non-space character")
     return values
 
 
@@ -214,8 +214,8 @@ try:
             return predictions_frame(self.model, _texts(model_input))
 
         def get_raw_model(self) -> HPNClassifier:
-            """The HPNClassifier (MLflow's `PyFuncModel.get_raw_model()` returns it): what
-            `serve`'s /predict runs without MLflow's DataFrame round trip."""
+            """The HPNClassifier (MLflow's `PyFuncModel.get_raw_model()` returns it; see
+            `served_model`): what `serve`'s /predict runs without MLflow's DataFrame round trip."""
             return self.model
 except ImportError:  # pragma: no cover - mlflow is a dependency; kept importable without it
     HPNPyfunc = None  # type: ignore[assignment,misc]
@@ -254,21 +254,26 @@ def model_metadata(model: HPNClassifier) -> dict[str, Any]:
     return meta
 
 
+_INPUT_EXAMPLE_NOTE = "Validating input example against model signature"
+
+
+def _not_the_input_example_note(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(_INPUT_EXAMPLE_NOTE)
+
+
 @contextmanager
 def _quiet_save() -> Iterator[None]:
     """MLflow's save_model logs "Validating input example against model signature" (INFO) and
     draws a bar as it copies the artifacts: neither is news in `export --register`'s output or
-    a trial's log. The logger's level is put back after."""
+    a trial's log. That one message is filtered out (a filter, added once, never a level that
+    another thread could be left with); the bar is off for the save."""
     from tuning.tracking import no_download_bar
 
     log = logging.getLogger("mlflow.pyfunc")
-    level = log.level
-    log.setLevel(max(level, logging.WARNING))
-    try:
-        with no_download_bar():
-            yield
-    finally:
-        log.setLevel(level)
+    if _not_the_input_example_note not in log.filters:
+        log.addFilter(_not_the_input_example_note)
+    with no_download_bar():
+        yield
 
 
 def save_pyfunc(model: HPNClassifier, path: str | Path, mlflow_model: Any = None,
@@ -337,10 +342,12 @@ def read_graph(weights: str | Path) -> bytes | None:
 
 
 def served_model(loaded: Any) -> HPNClassifier:
-    """The HPNClassifier inside a PyFuncModel that `load_verified` built (its model_impl is our
-    HPNPyfunc, which MLflow's `unwrap_python_model` does not reach)."""
-    impl = getattr(loaded, "_model_impl", None)
-    model = getattr(impl, "model", None)
+    """The HPNClassifier inside a PyFuncModel that `load_verified` built (MLflow's
+    `get_raw_model()`, which our HPNPyfunc answers; `unwrap_python_model` does not reach it)."""
+    try:
+        model = loaded.get_raw_model()
+    except (AttributeError, NotImplementedError):
+        model = None
     if not isinstance(model, HPNClassifier):
         raise HPNInputError("--model: not an hpn-tune model loaded by tuning.serving.load_model")
     return model

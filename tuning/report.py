@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,6 +24,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from hpn.metrics import LATENCY_P50_MS, NUM_PROTOTYPES, VAL_ACCURACY
+from tuning.objectives import Objectives
 
 PARAM_PREFIX = "params."
 BEST_FRACTION = 0.2  # "the best trials" = top 20% by objective (at least one)
@@ -85,13 +87,16 @@ class BestConfig(NamedTuple):
 
 
 def best_config(trials: pd.DataFrame, objective: str = VAL_ACCURACY, mode: str = "max",
-                test_metric: str | None = None) -> BestConfig | None:
+                test_metric: str | None = None, tie_break: Sequence[str] = ()
+                ) -> BestConfig | None:
     """The config with the best mean objective over its repeats (`config_group`), or the best
     trial when a study has no repeats; chosen on validation, never on test. Best is the
     highest with `mode` "max" and the lowest with "min" (an error: val_mae). `test_metric`
     (default: the objective's test counterpart) is only averaged to be reported. A config
     with a failed or stopped repeat is passed over while any config has all its repeats
-    complete: its mean would rest on fewer, luckier runs."""
+    complete: its mean would rest on fewer, luckier runs. `tie_break`: metrics, lower wins,
+    in order, that decide between configs equal on the objective (a multi-objective study's
+    costs: of two trials at the same accuracy, the faster one; without it the first wins)."""
     _check_mode(mode)
     test_metric = test_metric or test_counterpart(objective)
     done = _finite(trials, objective)
@@ -104,6 +109,14 @@ def best_config(trials: pd.DataFrame, objective: str = VAL_ACCURACY, mode: str =
         done = done[~done[key].isin(incomplete)]
     means = done.groupby(key, sort=False)[objective].mean()
     best = means.idxmax() if mode == "max" else means.idxmin()
+    tied = means.index[means == means[best]]
+    if len(tied) > 1 and tie_break:
+        tied_rows = done[done[key].isin(tied)]
+        costs = pd.DataFrame({
+            m: pd.to_numeric(tied_rows[m], errors="coerce") if m in tied_rows.columns
+            else math.nan for m in tie_break}, index=tied_rows.index)
+        costs = costs.groupby(tied_rows[key], sort=False).mean()
+        best = costs.fillna(math.inf).sort_values(list(tie_break), kind="stable").index[0]
     cell = done[done[key] == best]
     test = (pd.to_numeric(cell[test_metric], errors="coerce").astype(float).mean()
             if test_metric in cell.columns else math.nan)
@@ -357,6 +370,20 @@ def pareto_front(values: np.ndarray, modes: list[str] | tuple[str, ...]) -> np.n
         strictly = (rivals > better_up[i]).any(axis=1)
         keep[i] = not np.any(no_worse & strictly)
     return keep
+
+
+def pareto_flags(frame: pd.DataFrame, objectives: Objectives) -> pd.Series:
+    """Per trial, whether it is on the study's Pareto front (`pareto_front` over
+    `objectives`): among the completed trials, no other is as good on every objective and
+    better on one. A trial that did not complete, or lacks an objective's value, is neither
+    on the front nor keeps another off it. One implementation for the study summary and
+    `hpn-tune show`."""
+    if frame.empty:  # no trial yet: no columns either
+        return pd.Series(False, index=frame.index, dtype=bool)
+    values = (frame.reindex(columns=list(objectives.metrics))  # a metric no trial logged: NaN
+              .apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float, copy=True))
+    values[~frame["state"].eq("completed").to_numpy()] = math.nan
+    return pd.Series(pareto_front(values, objectives.modes), index=frame.index)
 
 
 def pareto_mask(value: np.ndarray, latency: np.ndarray, mode: str = "max") -> np.ndarray:

@@ -12,10 +12,10 @@ from typing import Any
 import optuna
 
 from hpn.errors import HPNInputError
+from tuning.objectives import MULTI_OBJECTIVE
 from tuning.spaces import SearchSpace
 
 SAMPLERS = ("tpe", "random", "cmaes", "nsga2", "grid")
-MULTI_OBJECTIVE = frozenset({"nsga2"})
 
 
 def _check(name: str) -> str:

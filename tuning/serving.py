@@ -116,10 +116,11 @@ def load_model(model_uri: str, tracking_uri: str | None = None) -> Any:
     bound_http_retries()  # a server that is down fails this in about a minute, not four
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    with tempfile.TemporaryDirectory(prefix="hpn-model-") as tmp, no_download_bar():
+    with tempfile.TemporaryDirectory(prefix="hpn-model-") as tmp:
         try:
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=model_uri, dst_path=tmp, tracking_uri=uri, registry_uri=uri)
+            with no_download_bar():
+                local = mlflow.artifacts.download_artifacts(
+                    artifact_uri=model_uri, dst_path=tmp, tracking_uri=uri, registry_uri=uri)
         except (MlflowException, OSError) as exc:
             first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             raise HPNInputError(
@@ -274,27 +275,35 @@ def request_texts(payload: dict[str, Any]) -> list[Any]:
     return []
 
 
-def _request_problem(body: bytes) -> str | None:
-    """Why a JSON /invocations body is refused (400), or None to hand it to MLflow."""
+def _parse_request(body: bytes) -> tuple[Any, str | None]:
+    """(the JSON payload, why the body is refused with 400 or None to hand it on)."""
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # not echoed back, unlike MLflow
-        return f"the body is not UTF-8 JSON ({str(exc)[:120]})"
+        return None, f"the body is not UTF-8 JSON ({str(exc)[:120]})"
     if not isinstance(payload, dict):
-        return None
+        return payload, None
     for row, value in enumerate(request_texts(payload)):
         if not isinstance(value, str) or not value.strip():
             shown = "missing" if value is _MISSING else json.dumps(value)[:40]
-            return (f"`text` row {row} (counting from 0) is {shown}: each text must be a "
-                    "non-empty string")
-    return None
+            return payload, (f"`text` row {row} (counting from 0) is {shown}: each text must be "
+                             "a string with a non-space character")
+    return payload, None
+
+
+def _media_type(scope: dict) -> tuple[bytes, list[bytes]]:
+    """A request's Content-Type, lower-cased: (the type, its parameters)."""
+    raw = dict(scope["headers"]).get(b"content-type", b"").lower()
+    kind, *params = (part.strip() for part in raw.split(b";"))
+    return kind, [p.replace(b" ", b"") for p in params if p]
 
 
 class RequestGuard:
     """ASGI middleware in front of MLflow's scoring app: a body over `max_bytes` is answered
     413 (a declared Content-Length at once, unread; a chunked one as soon as it passes the
-    cap), and a JSON /invocations whose texts are not all non-empty strings 400, naming the
-    row. The body is read here once and replayed to the app (which reads it whole anyway)."""
+    cap), and a JSON /invocations or /predict whose texts are not all non-empty strings 400,
+    naming the row. The body is read here once and replayed to the app (which reads it whole
+    anyway); a JSON body it parsed is left in the scope (PAYLOAD_KEY) for PredictRoute."""
 
     def __init__(self, app: Any, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -313,11 +322,13 @@ class RequestGuard:
             return None
         if len(body) > self.max_bytes:
             return await _answer(send, 413, "REQUEST_LIMIT_EXCEEDED", too_big, close=True)
-        content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
         is_json = (scope["method"] == "POST" and scope["path"] in ("/invocations", PREDICT_PATH)
-                   and content_type == b"application/json")
-        if is_json and (problem := _request_problem(body)):
-            return await _answer(send, 400, "INVALID_PARAMETER_VALUE", problem)
+                   and _media_type(scope)[0] == b"application/json")
+        if is_json:
+            payload, problem = _parse_request(body)
+            if problem:
+                return await _answer(send, 400, "INVALID_PARAMETER_VALUE", problem)
+            scope = {**scope, PAYLOAD_KEY: payload}
         replay = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def receive_again() -> dict:
@@ -353,75 +364,102 @@ async def _answer(send: Any, status: int, code: str, message: str, close: bool =
 
 
 PREDICT_PATH = "/predict"
+PAYLOAD_KEY = "hpn.payload"  # the scope key RequestGuard leaves a parsed JSON body under
 #: MLflow's JSON request layouts (`mlflow models serve`); /predict takes the same ones.
 JSON_LAYOUTS = ("dataframe_split", "dataframe_records", "inputs", "instances")
 
 
 class PredictRoute:
-    """ASGI app: POST /predict answered by the model itself; every other request goes on to
-    MLflow's scoring app.
+    """ASGI app: POST /predict, the low-latency route to /invocations' answer; every other
+    request goes on to MLflow's scoring app unchanged.
 
-    /predict takes the JSON bodies /invocations takes (MLflow's layouts, a `text` column or
-    plain strings) and answers the same `{"predictions": [{column: value}, ...]}`, built by
-    `tuning.pyfunc.prediction_records` from the same `prediction_columns` as the pyfunc's
-    frame. It skips what a one-text request spends outside the model in MLflow's app: JSON to
-    DataFrame, schema enforcement, the frame's `to_dict`, FastAPI's routing and middleware
-    (about 9 of 16 ms on 2 cores with the int8 encoder; bench/serving.py). The texts are
-    checked by RequestGuard in front, as for /invocations; params, if sent, are ignored, as
-    MLflow does for a model whose signature has none."""
+    /predict takes every body /invocations takes and gives the same answer (status and JSON).
+    The common JSON shapes (`fast_texts`: texts in one of MLflow's layouts) are answered by
+    the model itself: `tuning.pyfunc.prediction_records` builds the rows from the same
+    `prediction_columns` as the pyfunc's frame, skipping what a one-text request spends in
+    MLflow's app outside the model (JSON to DataFrame, schema enforcement, the frame's
+    `to_dict`, FastAPI's routing; 5-8 ms of 16-20 on 2 cores, bench/serving.py). Anything
+    else (CSV, an index, an empty or unusual layout, another method) is handed to MLflow's
+    /invocations, so its edge cases get MLflow's own answer. The texts are checked by
+    RequestGuard in front, as for /invocations; params are ignored, as MLflow ignores them
+    for a model whose signature has none; a request running past MLflow's request timeout
+    gets its 504. One difference: a model that fails gets 500 and one line, not MLflow's 400
+    with a stack trace."""
 
     def __init__(self, app: Any, model: Any) -> None:
+        from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+
         self.app, self.model = app, model
+        self.timeout = MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] != PREDICT_PATH:
             return await self.app(scope, receive, send)
-        if scope["method"] != "POST":
-            return await _answer(send, 405, "BAD_REQUEST", "POST a JSON body to /predict")
-        headers = dict(scope["headers"])
-        content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-        if content_type != b"application/json":
-            return await _answer(send, 415, "BAD_REQUEST",
-                                 "/predict takes Content-Type application/json (CSV: /invocations)")
-        body = await _read_body(receive)
-        if body is None:
-            return None
-        texts, problem = predict_request(body)
-        if problem:
-            return await _answer(send, 400, "BAD_REQUEST", problem)
+        kind, params = _media_type(scope)
+        texts = None
+        if (scope["method"] == "POST" and kind == b"application/json"
+                and params in ([], [b"charset=utf-8"])):
+            texts = fast_texts(scope.get(PAYLOAD_KEY))
+        if texts is None:  # MLflow's own answer, status and all
+            return await self.app({**scope, "path": "/invocations", "raw_path": b"/invocations"},
+                                  receive, send)
         from tuning.pyfunc import prediction_records
 
         try:
-            records = await asyncio.to_thread(prediction_records, self.model, texts)
-        except Exception as exc:  # noqa: BLE001 - one line to the client, as MLflow's app does
+            records = await asyncio.wait_for(
+                asyncio.to_thread(prediction_records, self.model, texts), self.timeout)
+        except TimeoutError:  # what MLflow's timeout middleware answers
+            return await _send(send, 504, b"Request processing time exceeded limit")
+        except Exception as exc:  # noqa: BLE001 - one line to the client and the log
             first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
             print(f"hpn-tune serve: /predict failed: {type(exc).__name__}: {first}",
                   file=sys.stderr, flush=True)
             return await _answer(send, 500, "INTERNAL_ERROR", f"{type(exc).__name__}: {first}")
-        content = json.dumps({"predictions": records}).encode()
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(content)).encode())]})
-        await send({"type": "http.response.body", "body": content})
+        await _send(send, 200, json.dumps({"predictions": records}).encode())
 
 
-def predict_request(body: bytes) -> tuple[list[str], str | None]:
-    """(texts, None) from a /predict body, or ([], why it is refused). RequestGuard has
-    already refused a text that is not a non-empty string; what is left is the layout."""
-    layouts = ", ".join(JSON_LAYOUTS)
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        payload = None
-    found = [k for k in JSON_LAYOUTS if k in payload] if isinstance(payload, dict) else []
-    if len(found) != 1:
-        return [], (f"the body must be a JSON object with exactly one of {layouts}, as for "
-                    '/invocations, e.g. {"inputs": ["A nurse who ..."]}')
-    texts = request_texts(payload)
-    if not texts:
-        return [], (f"no texts in `{found[0]}`: send at least one, as strings or in a "
-                    f"`text` column")
-    return texts, None
+def fast_texts(payload: Any) -> list[str] | None:
+    """The texts of a JSON body in a shape MLflow's /invocations answers with one prediction
+    row per text and nothing else, or None for any other body (handed to MLflow). The shapes:
+    `dataframe_split` {columns, data} with a `text` column and rows as long as the columns,
+    `dataframe_records` [{text, ...}], `inputs` / `instances` as [text, ...], [{text, ...}]
+    or {"text": [text, ...]}; at least one text; `params` beside it, nothing else."""
+    from tuning.pyfunc import TEXT_COLUMN
+
+    if not isinstance(payload, dict) or not set(payload) <= {*JSON_LAYOUTS, "params"}:
+        return None
+    layouts = [k for k in JSON_LAYOUTS if k in payload]
+    if len(layouts) != 1:
+        return None
+    layout, rows = layouts[0], payload[layouts[0]]
+    if layout == "dataframe_split":
+        if not (isinstance(rows, dict) and set(rows) == {"columns", "data"}):
+            return None
+        columns, data = rows["columns"], rows["data"]
+        if (not isinstance(columns, list) or not all(isinstance(c, str) for c in columns)
+                or len(set(columns)) != len(columns) or TEXT_COLUMN not in columns
+                or not isinstance(data, list)
+                or not all(isinstance(r, list) and len(r) == len(columns) for r in data)):
+            return None
+        texts = [r[columns.index(TEXT_COLUMN)] for r in data]
+    elif layout in ("inputs", "instances") and isinstance(rows, dict):
+        texts = rows.get(TEXT_COLUMN) if set(rows) == {TEXT_COLUMN} else None
+    elif isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
+        texts = [r.get(TEXT_COLUMN) for r in rows]
+    elif layout in ("inputs", "instances"):
+        texts = rows
+    else:
+        return None
+    if not (isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts)):
+        return None
+    return texts
+
+
+async def _send(send: Any, status: int, content: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(content)).encode())]})
+    await send({"type": "http.response.body", "body": content})
 
 
 def scoring_app(model: Any, max_bytes: int) -> Any:
@@ -429,7 +467,12 @@ def scoring_app(model: Any, max_bytes: int) -> Any:
     PyFuncModel, with /predict (PredictRoute) beside it, behind RequestGuard."""
     from mlflow.pyfunc import scoring_server
 
-    return RequestGuard(PredictRoute(scoring_server.init(model), model.get_raw_model()), max_bytes)
+    from tuning.pyfunc import INPUT_EXAMPLE, prediction_records, served_model
+
+    raw = served_model(model)
+    # The first request would load the frozen encoder (seconds); load it now, once.
+    prediction_records(raw, INPUT_EXAMPLE[:1])
+    return RequestGuard(PredictRoute(scoring_server.init(model), raw), max_bytes)
 
 
 def _listen_socket(host: str, port: int) -> socket.socket:

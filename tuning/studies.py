@@ -29,8 +29,8 @@ from hpn import metrics as M
 from hpn.errors import HPNInputError
 from hpn.tasks import TaskSpec, task_spec
 from tuning import tracking
-from tuning.objectives import DEFAULT_OBJECTIVES, objective_metrics
-from tuning.report import best_config, pareto_front
+from tuning.objectives import DEFAULT_OBJECTIVES, MULTI_OBJECTIVE, Objectives, objectives_for
+from tuning.report import best_config, pareto_flags
 from tuning.tracking import trials_frame
 
 #: The parent run's MLflow status in words: a study stopped by Ctrl-C or a killed driver is
@@ -47,38 +47,15 @@ def study_spec(run: Any) -> TaskSpec:
     return task_spec(tracking.run_task(run))
 
 
-class Objectives(NamedTuple):
-    """What a multi-objective study optimised, as its sampler saw it: the metrics, the task's
-    primary first, and each one's direction ("max" or "min")."""
-
-    metrics: list[str]
-    modes: list[str]
-
-
 def study_objectives(run: Any, spec: TaskSpec) -> Objectives | None:
-    """A multi-objective study's objectives from its run's tags (None: one objective): the
-    primary in its direction, then each `--objectives` metric, minimised. Read as the study
-    ran them: a study from before --objectives optimised memory, which is VRAM when its
-    trials had a GPU (as tuning.study._finish resolves it)."""
-    from tuning.samplers import MULTI_OBJECTIVE  # Optuna: imported only when a study is read
-
+    """A multi-objective study's objectives from its run's tags (None: one objective), as
+    the study ran them (`tuning.objectives.objectives_for`): a study from before --objectives
+    optimised memory, which is VRAM when its trials had a GPU."""
     tags = run.data.tags
     if tags.get(tracking.SAMPLER_TAG) not in MULTI_OBJECTIVE:
         return None
-    names = tuple(tags.get(tracking.OBJECTIVES_TAG, ",".join(DEFAULT_OBJECTIVES)).split(","))
-    extra = objective_metrics(names, float(tags.get(tracking.GPUS_PER_TRIAL_TAG) or 0))
-    return Objectives([spec.primary, *extra], [spec.mode, *["min"] * len(extra)])
-
-
-def pareto_flags(frame: pd.DataFrame, objectives: Objectives) -> pd.Series:
-    """Per trial, whether it is on the study's Pareto front: among the completed trials, no
-    other is as good on every objective and better on one. A trial that did not complete, or
-    lacks an objective's value, is neither on the front nor keeps another off it."""
-    if frame.empty:  # no trial yet: no columns either
-        return pd.Series(False, index=frame.index, dtype=bool)
-    values = np.column_stack([_column(frame, m).to_numpy() for m in objectives.metrics])
-    values[~frame["state"].eq("completed").to_numpy()] = math.nan
-    return pd.Series(pareto_front(values, objectives.modes), index=frame.index)
+    names = tags.get(tracking.OBJECTIVES_TAG, ",".join(DEFAULT_OBJECTIVES)).split(",")
+    return objectives_for(spec, names, float(tags.get(tracking.GPUS_PER_TRIAL_TAG) or 0))
 
 
 def trial_metrics(spec: TaskSpec, objectives: Objectives | None = None) -> tuple[str, ...]:
@@ -280,15 +257,17 @@ def show_study(store: Store, name: str, limit: int | None = None) -> dict[str, A
     header = {**_study_header(run), **_state_counts(frame.get("state", [])),
               "searched": keys, "searched_from": keys_from, "trial_metrics": list(metrics)}
     trials: list[dict[str, Any]] = []
-    best = (best_config(frame, spec.primary, spec.mode, spec.test_primary)
+    costs = objectives.metrics[1:] if objectives else []  # break ties on the primary
+    best = (best_config(frame, spec.primary, spec.mode, spec.test_primary, tie_break=costs)
             if not frame.empty else None)
     if not frame.empty:
         ranked = frame.assign(_rank=frame["state"].map(TRIAL_ORDER).fillna(len(TRIAL_ORDER)),
                               _val=_column(frame, spec.primary),
-                              _pareto=pareto_flags(frame, objectives) if objectives else False)
-        ranked = ranked.sort_values(["_rank", "_val", "order"],
-                                    ascending=[True, spec.mode == "min", True],
-                                    na_position="last", kind="stable")
+                              _pareto=pareto_flags(frame, objectives) if objectives else False,
+                              **{f"_cost{i}": _column(frame, m) for i, m in enumerate(costs)})
+        by = ["_rank", "_val", *(f"_cost{i}" for i in range(len(costs))), "order"]
+        ascending = [True, spec.mode == "min", *[True] * len(costs), True]
+        ranked = ranked.sort_values(by, ascending=ascending, na_position="last", kind="stable")
         for _, row in ranked.iterrows():
             trials.append({
                 "run_name": row["run_name"], "run_id": row["run_id"],
@@ -350,7 +329,9 @@ def compare_studies(store: Store, names: list[str]) -> tuple[list[dict[str, Any]
         done = frame[frame["state"] == "completed"] if not frame.empty else frame
         val = _column(done, spec.primary).dropna()
         runtime = _column(done, M.RUNTIME_S).dropna()
-        best = (best_config(frame, spec.primary, spec.mode, spec.test_primary)
+        objectives = study_objectives(run, spec)
+        best = (best_config(frame, spec.primary, spec.mode, spec.test_primary,
+                            tie_break=objectives.metrics[1:] if objectives else ())
                 if not frame.empty else None)
         header = _study_header(run)
         median = _num(val.median()) if len(val) else None

@@ -26,7 +26,13 @@ from hpn.errors import HPNInputError
 from hpn.tasks import CLASSIFICATION, UNUSED_KEYS, TaskSpec, loss_problem, task_spec
 from hpn.train import prepare_data
 from tuning import optuna_store, tracking
-from tuning.objectives import DEFAULT_OBJECTIVES, objective_metrics, parse_objectives
+from tuning.objectives import (
+    DEFAULT_OBJECTIVES,
+    MULTI_OBJECTIVE,
+    Objectives,
+    objectives_for,
+    parse_objectives,
+)
 from tuning.spaces import load_space, resolve_space_path
 from tuning.tracking import STATE_TAG, TRIAL_ID_TAG, trial_runs
 
@@ -113,6 +119,16 @@ def study_spec(base: Any) -> TaskSpec:
     validation metric the sampler, ASHA, the best trial and registration go by, and whether
     higher or lower is better."""
     return task_spec(tracking.config_task(base))
+
+
+def plan_objectives(plan: Any, gpus: float) -> Objectives | None:
+    """What a multi-objective study's sampler optimises (`tuning.objectives.objectives_for`;
+    None: one objective, the task's primary). `gpus`: per trial, which say whether its
+    memory objective is VRAM or RSS."""
+    if plan.sampler not in MULTI_OBJECTIVE:
+        return None
+    return objectives_for(study_spec(plan.base), getattr(plan, "objectives", DEFAULT_OBJECTIVES),
+                          gpus)
 
 
 def searched_runtimes(space: Any) -> tuple[str, ...]:
@@ -253,13 +269,10 @@ def _claim_name(plan: StudyPlan, name: str) -> None:
     directions are the ones _run_leg's searcher optimises (Ray's OptunaSearch keeps what is
     stored): the task's primary metric in its direction (val_accuracy up, val_mae down) and,
     for a multi-objective sampler, each of its objectives (peak memory by default) down."""
-    from tuning.samplers import is_multi_objective
-
     assert plan.optuna_storage is not None, "every new study has an Optuna storage"
-    primary = "maximize" if study_spec(plan.base).mode == "max" else "minimize"
-    extra = getattr(plan, "objectives", DEFAULT_OBJECTIVES)
-    directions = ([primary] + ["minimize"] * len(extra) if is_multi_objective(plan.sampler)
-                  else [primary])
+    # one objective: the primary alone; the GPUs (memory as VRAM or RSS) change no direction
+    objectives = plan_objectives(plan, 0.0) or objectives_for(study_spec(plan.base), (), 0.0)
+    directions = objectives.directions
     if not optuna_store.claim_study(optuna_store.open_storage(plan.optuna_storage), name, directions):
         shown = optuna_store.redact(plan.optuna_storage)
         raise HPNInputError(
@@ -470,7 +483,8 @@ def run_study(opts: StudyOptions) -> dict[str, Any]:
                                 "run on CPU")
         ray_tune.check_trial_fits(plan.cpus_per_trial, gpus)  # Ray would wait for it forever
 
-        data = prepare_data(plan.base, progress=opts.progress, runtimes=searched_runtimes(plan.space))
+        data = prepare_data(plan.base, progress=_on_terminal(opts),
+                            runtimes=searched_runtimes(plan.space))
         _check_counts(plan.space, data.corpus.num_classes)
         if parent is None:
             _claim_name(plan, name)
@@ -549,10 +563,16 @@ def _run_legs_and_finish(client: Any, experiment_id: str, parent: str, name: str
     return summary
 
 
+def _on_terminal(opts: StudyOptions) -> bool:
+    """Whether the study shows progress (its live line, steps, the encode's bar): asked to
+    (not --json) and stderr is a terminal, never into a log file."""
+    return opts.progress and sys.stderr.isatty()
+
+
 def _say(opts: StudyOptions, line: str) -> None:
     """A step the user would otherwise wait through in silence (terminal only, like the
     live line: never with --json or into a file)."""
-    if opts.progress and sys.stderr.isatty():
+    if _on_terminal(opts):
         print(line, file=sys.stderr, flush=True)
 
 
@@ -645,15 +665,15 @@ def _run_leg(client: Any, experiment_id: str, parent: str, name: str, tracking_u
     (new, or again when it had not saved any state yet)."""
     from tuning import ray_tune
     from tuning.outbox import outbox_dir
-    from tuning.samplers import is_multi_objective, make_sampler
+    from tuning.samplers import make_sampler
 
-    multi = is_multi_objective(plan.sampler)
+    objectives = plan_objectives(plan, gpus)
     spec = study_spec(plan.base)
     index = legs.index(leg)
     # Each extension gets its own sampler seed: a seeded random sampler would otherwise
     # propose the first experiment's configs again.
     sampler = make_sampler(plan.sampler, plan.seed + index, plan.space)
-    extra = objective_metrics(plan.objectives, gpus) if multi else []
+    extra = objectives.metrics[1:] if objectives else []
     ctx = ray_tune.StudyContext(name, tracking_uri, experiment_id, parent, plan.base.to_dict(),
                                 gpus, tuple(plan.space.keys()),
                                 trial_offset=sum(x.trials for x in legs[:index]) * plan.repeats,
@@ -664,8 +684,8 @@ def _run_leg(client: Any, experiment_id: str, parent: str, name: str, tracking_u
     settings = ray_tune.TuneSettings(
         trials=leg.trials, max_concurrent=plan.max_concurrent, cpus_per_trial=plan.cpus_per_trial,
         gpus_per_trial=gpus, scheduler=plan.scheduler, storage_path=storage,
-        metric=[spec.primary, *extra] if multi else spec.primary,
-        mode=[spec.mode] + ["min"] * len(extra) if multi else spec.mode,
+        metric=objectives.metrics if objectives else spec.primary,
+        mode=objectives.modes if objectives else spec.mode,
         epochs=plan.base.train.epochs,
         repeats=plan.repeats, experiment=leg.name, optuna_storage=plan.optuna_storage,
         optuna_study=name,
@@ -716,19 +736,19 @@ def _finish(client: Any, experiment_id: str, parent: str, name: str, plan: Study
             tracking_uri: str, opts: StudyOptions, session_started: float) -> dict[str, Any]:
     """Pick the best config, write the reports, close the parent run, register the best."""
     from tuning.report import best_config
-    from tuning.samplers import is_multi_objective
 
     spec = study_spec(plan.base)
     trials_df = tracking.trials_frame(client, experiment_id, parent)
-    best = best_config(trials_df, spec.primary, spec.mode, spec.test_primary)
     gpus = float(client.get_run(parent).data.tags.get(tracking.GPUS_PER_TRIAL_TAG, "0") or 0)
-    objectives = ([spec.primary, *objective_metrics(plan.objectives, gpus)]
-                  if is_multi_objective(plan.sampler) else None)
+    objectives = plan_objectives(plan, gpus)
+    # a tie on the primary goes to the cheaper trial: the one on the front, not one it dominates
+    best = best_config(trials_df, spec.primary, spec.mode, spec.test_primary,
+                       tie_break=objectives.metrics[1:] if objectives else ())
     optuna_study = None
     if plan.optuna_storage:
         optuna_study = optuna_store.load_study(optuna_store.open_storage(plan.optuna_storage), name)
     _write_reports(client, parent, trials_df, plan.space, plan.base, data, best, tracking_uri,
-                   objectives, optuna_study, spec)
+                   objectives.metrics if objectives else None, optuna_study, spec)
     wall = tracking.log_study_wall(client, parent, session_started)
     states = trials_df["state"].value_counts().to_dict() if not trials_df.empty else {}
     summary: dict[str, Any] = {
@@ -774,7 +794,7 @@ def _finish(client: Any, experiment_id: str, parent: str, name: str, plan: Study
         client.log_metric(parent, f"best_{spec.test_primary}", best.test_mean)
         client.set_tag(parent, tracking.BEST_RUN_TAG, best.run["run_id"])
     if objectives:  # what the study traded against its primary, not only its best primary
-        summary.update(_front_summary(trials_df, objectives, spec))
+        summary.update(_front_summary(trials_df, objectives))
     for key in ("trials_completed", "trials_pruned", "trials_errored", "trials_lost"):
         client.log_metric(parent, key, summary[key])
     client.set_terminated(parent, "FINISHED")
@@ -803,16 +823,14 @@ def _finish(client: Any, experiment_id: str, parent: str, name: str, plan: Study
     return summary
 
 
-def _front_summary(trials_df: pd.DataFrame, objectives: list[str],
-                   spec: TaskSpec) -> dict[str, Any]:
+def _front_summary(trials_df: pd.DataFrame, objectives: Objectives) -> dict[str, Any]:
     """A multi-objective study's objectives (primary first) and its Pareto-optimal trials'
     run ids, as `hpn-tune show` marks them: its best primary is only one end of the front."""
-    from tuning.studies import Objectives, pareto_flags
+    from tuning.report import pareto_flags
 
-    modes = [spec.mode, *["min"] * (len(objectives) - 1)]
-    front = pareto_flags(trials_df, Objectives(list(objectives), modes))
+    front = pareto_flags(trials_df, objectives)
     ids = trials_df.loc[front, "run_id"].tolist() if front.any() else []
-    return {"objectives": list(objectives), "pareto_run_ids": ids}
+    return {"objectives": list(objectives.metrics), "pareto_run_ids": ids}
 
 
 def resume_command(opts: StudyOptions, name: str, extend_to: int | None = None) -> str:

@@ -634,21 +634,28 @@ def log_study_wall(client: Any, parent: str, session_started: float) -> float:
 
 
 _DOWNLOAD_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-_DOWNLOAD_BAR_LOCK = threading.Lock()
+_download_bar_lock = threading.Lock()
+#: open no_download_bar blocks (all threads), and whether the variable is ours to take away
+_download_bar = {"open": 0, "ours": False}
 
 
 @contextmanager
 def no_download_bar() -> Iterator[None]:
     """MLflow draws a download bar on stderr for every artifact download; our commands answer
     in their own lines (`predict`, `promote`, a study's report). MLflow reads the variable per
-    download, so it is set for this one and put back (locked: threads download too)."""
-    with _DOWNLOAD_BAR_LOCK:
-        saved = os.environ.get(_DOWNLOAD_BAR)
-        os.environ[_DOWNLOAD_BAR] = "false"
-        try:
-            yield
-        finally:
-            if saved is None:
+    download, so the first block to open sets it and the last to close takes it away again;
+    the lock guards only that count, so blocks nest and threads do not wait on each other's
+    downloads. A user who set the variable keeps their setting."""
+    with _download_bar_lock:
+        _download_bar["open"] += 1
+        if _download_bar["open"] == 1 and _DOWNLOAD_BAR not in os.environ:
+            os.environ[_DOWNLOAD_BAR] = "false"
+            _download_bar["ours"] = True
+    try:
+        yield
+    finally:
+        with _download_bar_lock:
+            _download_bar["open"] -= 1
+            if _download_bar["open"] == 0 and _download_bar["ours"]:
                 os.environ.pop(_DOWNLOAD_BAR, None)
-            else:
-                os.environ[_DOWNLOAD_BAR] = saved
+                _download_bar["ours"] = False

@@ -4,6 +4,8 @@ front; its objectives survive a resume; bad flags exit 2."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,14 +19,15 @@ from hpn import metrics as M
 from hpn.errors import HPNInputError
 from hpn.tasks import task_spec
 from tuning.cli import main, run_front_line
-from tuning.report import LATENCY_FRONT_FILE, latency_front_data, pareto_front, pareto_mask
-from tuning.studies import (
-    TRIAL_METRICS,
-    Objectives,
+from tuning.objectives import Objectives, objectives_for
+from tuning.report import (
+    LATENCY_FRONT_FILE,
+    latency_front_data,
     pareto_flags,
-    study_objectives,
-    trial_metrics,
+    pareto_front,
+    pareto_mask,
 )
+from tuning.studies import TRIAL_METRICS, study_objectives, trial_metrics
 from tuning.study import StudyOptions, _resume_plan, run_study
 from tuning.tracking import (
     ENCODER_RUNTIME_TAG,
@@ -140,7 +143,8 @@ def test_show_lists_the_objectives_and_marks_the_pareto_front_over_all_three(
     assert front == set(summary["pareto_run_ids"])  # the study's own summary agrees
     opts = options(tmp, None, mlflow_server)
     assert run_front_line(summary, opts) == (
-        f"pareto front: {len(front)} trials over val_accuracy, latency_p50_ms, model_size_mb; "
+        f"pareto front: {len(front)} trial{'' if len(front) == 1 else 's'} over val_accuracy, "
+        "latency_p50_ms, model_size_mb; "
         f"list them with: hpn-tune show lat --tracking-uri {mlflow_server}")
     # ranked by the primary as before: the front does not reorder the trials
     vals = [t[M.VAL_ACCURACY] for t in done]
@@ -246,6 +250,33 @@ def test_study_objectives_read_the_runs_tags_and_a_single_objective_study_has_no
     old = study_objectives(run(**{SAMPLER_TAG: "nsga2", GPUS_PER_TRIAL_TAG: "0.25"}), spec)
     assert old == Objectives([M.VAL_ACCURACY, M.PEAK_VRAM_MB], ["max", "min"])
     assert trial_metrics(spec, old) == (*TRIAL_METRICS[:2], M.PEAK_VRAM_MB, M.RUNTIME_S)
+
+
+def test_objectives_for_gives_the_primary_in_its_direction_then_each_cost_minimised():
+    classification, regression = task_spec("classification"), task_spec("regression")
+    got = objectives_for(classification, ("latency", "size"), 0.0)
+    assert got == Objectives(OBJECTIVE_METRICS, ["max", "min", "min"])
+    assert got.directions == ["maximize", "minimize", "minimize"]  # Optuna's words
+    # memory is VRAM when the trials have a GPU, else RSS
+    assert objectives_for(classification, ["memory"], 0.25).metrics == [M.VAL_ACCURACY,
+                                                                        M.PEAK_VRAM_MB]
+    assert objectives_for(classification, ["memory"], 0).metrics == [M.VAL_ACCURACY,
+                                                                     M.PEAK_RSS_MB]
+    error = objectives_for(regression, ("memory",), 0)
+    assert error.modes == [regression.mode, "min"] == ["min", "min"]
+    assert error.directions == ["minimize", "minimize"]
+    assert objectives_for(classification, (), 0) == Objectives([M.VAL_ACCURACY], ["max"])
+
+
+def test_reading_a_studys_objectives_imports_no_optuna():
+    code = ("import sys; from types import SimpleNamespace as N; from hpn.tasks import task_spec; "
+            "from tuning.studies import study_objectives; "
+            "run = N(data=N(tags={'hpn.sampler': 'nsga2'})); "
+            "assert study_objectives(run, task_spec('classification')) is not None; "
+            "assert 'optuna' not in sys.modules, 'optuna imported'")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
 
 
 def test_the_latency_front_keeps_completed_trials_by_runtime_with_each_runtimes_front():

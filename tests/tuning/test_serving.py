@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import test_model_safety as safety
-from conftest import free_port, stop_process_group
+from conftest import free_port, served_in_thread, stop_process_group
 
 from hpn.errors import HPNInputError
 from tuning.cli import main
@@ -109,7 +108,7 @@ def test_in_process_predict_refuses_a_value_that_is_not_a_text_naming_its_row(sa
 
     model = load_model(str(saved[1]), tracking_uri)
     for bad in (None, "", "   "):
-        with pytest.raises(MlflowException, match="`text` row 1 .* each text must be a non-empty"):
+        with pytest.raises(MlflowException, match="`text` row 1 .* each text must be a string with a non-space"):
             model.predict(pd.DataFrame({"text": [TEXTS[0], bad]}))
 
 
@@ -118,21 +117,9 @@ def test_in_process_predict_refuses_a_value_that_is_not_a_text_naming_its_row(sa
 @pytest.fixture(scope="module")
 def server(saved, tmp_path_factory):
     """Our scoring app on the tiny model, served by uvicorn in a thread on a free port."""
-    import uvicorn
-
     uri = f"sqlite:///{tmp_path_factory.mktemp('serve') / 'mlflow.db'}"
-    app = scoring_app(load_model(str(saved[1]), uri), MAX_BYTES)
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not uv.started:
-        assert thread.is_alive() and time.time() < deadline, "uvicorn did not start"
-        time.sleep(0.1)
-    yield port
-    uv.should_exit = True
-    thread.join(timeout=20)
+    with served_in_thread(scoring_app(load_model(str(saved[1]), uri), MAX_BYTES)) as port:
+        yield port
 
 
 def _post(port: int, body: str | bytes, content_type: str = "application/json",
@@ -164,37 +151,120 @@ def test_good_texts_get_the_models_labels_in_every_request_format(saved, server,
     assert [p["score"] for p in answer["predictions"]] == pytest.approx(scores.max(1), abs=1e-5)
 
 
-@pytest.mark.parametrize("fmt", [*_bodies([]), "plain strings"])
-def test_predict_answers_exactly_what_invocations_answers_for_the_same_body(server, fmt):
-    """/predict is the low-latency route to the same answer: same body, same JSON."""
-    body = json.dumps({"inputs": TEXTS} if fmt == "plain strings" else _bodies(TEXTS)[fmt])
-
-    status, mlflow_answer = _post(server, body)
-    fast_status, fast_answer = _post(server, body, path="/predict")
-
-    assert status == fast_status == 200, (mlflow_answer, fast_answer)
-    assert fast_answer == mlflow_answer
-    assert len(fast_answer["predictions"]) == len(TEXTS)
+def _exchange(port: int, body: str | None, content_type: str, path: str,
+              method: str = "POST") -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request(method, path, body, {"Content-Type": content_type})
+    response = conn.getresponse()
+    return response.status, response.read()
 
 
-@pytest.mark.parametrize(("body", "content_type", "method", "status", "message"), [
-    ({"texts": TEXTS}, "application/json", "POST", 400, "exactly one of dataframe_split"),
-    ({"inputs": TEXTS, "instances": TEXTS}, "application/json", "POST", 400, "exactly one of"),
-    ([TEXTS[0]], "application/json", "POST", 400, "must be a JSON object"),
-    ({"inputs": []}, "application/json", "POST", 400, "no texts in `inputs`"),
-    ({"dataframe_split": {"columns": ["persona"], "data": [[TEXTS[0]]]}}, "application/json", "POST",
-     400, "no texts in `dataframe_split`"),
-    (f"text\n{TEXTS[0]}\n", "text/csv", "POST", 415, "application/json (CSV: /invocations)"),
-    (None, "application/json", "GET", 405, "POST a JSON body to /predict"),
-])
-def test_a_predict_request_it_cannot_answer_is_refused_in_one_line(
-        server, body, content_type, method, status, message):
-    raw = body if isinstance(body, str) or body is None else json.dumps(body)
+#: (name, body, content type, method): what a client may send; /predict must answer each one
+#: as /invocations does. The first ones take its fast path (fast_texts), the rest MLflow's.
+EXCHANGES = [
+    *((f"fast {fmt}", json.dumps(body), "application/json", "POST")
+      for fmt, body in _bodies(TEXTS).items()),
+    ("fast plain strings", json.dumps({"inputs": TEXTS}), "application/json", "POST"),
+    ("fast instances strings", json.dumps({"instances": TEXTS}), "application/json", "POST"),
+    ("fast with params", json.dumps({"inputs": TEXTS, "params": {"k": 1}}), "application/json", "POST"),
+    ("fast extra column", json.dumps({"dataframe_split": {"columns": ["id", "text"],
+                                                          "data": [[1, TEXTS[0]]]}}),
+     "application/json", "POST"),
+    ("fast charset", json.dumps({"inputs": TEXTS}), "application/json; charset=utf-8", "POST"),
+    ("one bare string", json.dumps({"inputs": TEXTS[0]}), "application/json", "POST"),
+    ("no texts", json.dumps({"inputs": []}), "application/json", "POST"),
+    ("split with index", json.dumps({"dataframe_split": {"columns": ["text"], "index": [7],
+                                                         "data": [[TEXTS[0]]]}}),
+     "application/json", "POST"),
+    ("split rows longer than columns", json.dumps({"dataframe_split": {
+        "columns": ["text"], "data": [[TEXTS[0], "x"]]}}), "application/json", "POST"),
+    ("no text column", json.dumps({"dataframe_split": {"columns": ["persona"],
+                                                       "data": [[TEXTS[0]]]}}),
+     "application/json", "POST"),
+    ("columns of unequal length", json.dumps({"inputs": {"text": TEXTS, "id": [1]}}),
+     "application/json", "POST"),
+    ("records as strings", json.dumps({"dataframe_records": TEXTS}), "application/json", "POST"),
+    ("two layouts", json.dumps({"inputs": TEXTS, "instances": TEXTS}), "application/json", "POST"),
+    ("unknown key", json.dumps({"texts": TEXTS}), "application/json", "POST"),
+    ("llm prompt key", json.dumps({"inputs": TEXTS, "prompt": "x"}), "application/json", "POST"),
+    ("not an object", json.dumps(TEXTS), "application/json", "POST"),
+    ("latin-1 charset", json.dumps({"inputs": TEXTS}), "application/json; charset=latin-1", "POST"),
+    ("csv", f"text\n{TEXTS[0]}\n", "text/csv", "POST"),
+    ("get", None, "application/json", "GET"),
+]
 
-    got, answer = _post(server, raw, content_type, path="/predict", method=method)
 
-    assert got == status and message in answer["message"], answer
-    assert "\n" not in answer["message"]
+@pytest.mark.parametrize(("name", "body", "content_type", "method"), EXCHANGES,
+                         ids=[e[0] for e in EXCHANGES])
+def test_predict_answers_every_body_exactly_as_invocations_does(
+        server, monkeypatch, name, body, content_type, method):
+    """/predict is the low-latency route to the same answer: same status, same bytes; the
+    common JSON shapes are answered by the model itself, the rest by MLflow's app."""
+    import tuning.pyfunc
+
+    calls = []
+    records = tuning.pyfunc.prediction_records
+    monkeypatch.setattr(tuning.pyfunc, "prediction_records",
+                        lambda model, texts: calls.append(texts) or records(model, texts))
+
+    expected = _exchange(server, body, content_type, "/invocations", method)
+    got = _exchange(server, body, content_type, "/predict", method)
+
+    assert got == expected
+    assert bool(calls) == name.startswith("fast"), calls  # the fast path, and only for these
+    if calls:
+        assert expected[0] == 200 and len(calls[0]) == len(json.loads(got[1])["predictions"])
+
+
+def _call_route(route, body: dict) -> tuple[int, bytes]:
+    """One POST /predict through a PredictRoute, as RequestGuard hands it on (body parsed)."""
+    import asyncio
+
+    from tuning.serving import PAYLOAD_KEY
+
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/predict",
+             "headers": [(b"content-type", b"application/json")], PAYLOAD_KEY: body}
+    asyncio.run(route(scope, receive, send))
+    return sent[0]["status"], sent[1]["body"]
+
+
+def test_a_predict_past_the_request_timeout_is_504_as_mlflow_answers_it(monkeypatch):
+    import tuning.pyfunc
+    from tuning.serving import PredictRoute
+
+    monkeypatch.setattr(tuning.pyfunc, "prediction_records", lambda model, texts: time.sleep(1))
+    route = PredictRoute(None, model=None)
+    route.timeout = 0.05
+
+    status, body = _call_route(route, {"inputs": TEXTS})
+
+    assert (status, body) == (504, b"Request processing time exceeded limit")
+
+
+def test_a_model_that_fails_on_predict_is_500_in_one_line(monkeypatch, capsys):
+    import tuning.pyfunc
+    from tuning.serving import PredictRoute
+
+    def fail(model, texts):
+        raise RuntimeError("encoder graph vanished\nTraceback (most recent call last): ...")
+
+    monkeypatch.setattr(tuning.pyfunc, "prediction_records", fail)
+
+    status, body = _call_route(PredictRoute(None, model=None), {"inputs": TEXTS})
+
+    assert status == 500
+    assert json.loads(body) == {"error_code": "INTERNAL_ERROR",
+                                "message": "RuntimeError: encoder graph vanished"}
+    assert capsys.readouterr().err.strip() == (
+        "hpn-tune serve: /predict failed: RuntimeError: encoder graph vanished")
 
 
 @pytest.mark.parametrize("path", ["/invocations", "/predict"])
@@ -205,7 +275,7 @@ def test_a_text_that_is_not_a_non_empty_string_is_400_naming_its_row(server, fmt
 
     assert status == 400
     assert answer["message"] == (f"`text` row 1 (counting from 0) is {shown}: each text must be "
-                                 "a non-empty string")
+                                 "a string with a non-space character")
 
 
 @pytest.mark.parametrize("body", [

@@ -15,8 +15,6 @@ import math
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import test_model_safety as safety
-from conftest import free_port, restored_mlflow_uris
+from conftest import restored_mlflow_uris, served_in_thread
 
 from hpn.config import load_config
 from hpn.tasks import CLASSIFICATION, JOINT, MULTILABEL, REGRESSION, TASKS
@@ -334,27 +332,14 @@ def _post(port: int, body: str, content_type: str = "application/json",
 def test_the_scoring_server_answers_the_tasks_columns_as_json(trained, tracking_uri):
     """`hpn-tune serve`'s app (MLflow's scoring server and /predict behind our guard) on each task's model,
     served by uvicorn in a thread; tests/tuning/test_serving.py runs the command itself."""
-    import uvicorn
-
     task, model, model_dir = trained
     app = scoring_app(load_model(str(model_dir), tracking_uri), 100_000)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.time() + 60
-        while not server.started:
-            assert thread.is_alive() and time.time() < deadline, "uvicorn did not start"
-            time.sleep(0.1)
+    with served_in_thread(app) as port:
         status, answer = _post(port, json.dumps({"inputs": {"text": TEXTS}}))
         csv_status, csv_answer = _post(port, pd.DataFrame({"text": TEXTS}).to_csv(index=False),
                                        "text/csv")
         fast_status, fast_answer = _post(port, json.dumps({"inputs": {"text": TEXTS}}),
                                          path="/predict")
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
 
     assert status == 200 and csv_status == 200 and fast_status == 200, (answer, csv_answer)
     rows = answer["predictions"]

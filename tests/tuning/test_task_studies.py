@@ -18,13 +18,12 @@ import http.client
 import json
 import math
 import os
-import threading
 import time
 import uuid
 from dataclasses import dataclass
 
 import pytest
-from conftest import free_port, restored_mlflow_uris
+from conftest import restored_mlflow_uris, served_in_thread
 from mlflow.tracking import MlflowClient
 
 from hpn import metrics as M
@@ -254,24 +253,12 @@ def served(study):
     """`models:/<name>@champion` through tuning.serving's loader and scoring app, served by
     uvicorn in a thread on a free port: (port, the loaded model). Needs the promote test to
     have run (it does: tests run in file order); promotes itself otherwise."""
-    import uvicorn
-
     if study.client.get_registered_model(study.model_name).aliases.get(CHAMPION) is None:
         promote(study.client, study.model_name, study=study.summary["study"])
     with restored_mlflow_uris():  # load_model sets them globally
         model = load_model(f"models:/{study.model_name}@{CHAMPION}", study.uri)
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(scoring_app(model, 100_000), host="127.0.0.1",
-                                               port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.time() + 60
-        while not server.started:
-            assert thread.is_alive() and time.time() < deadline, "uvicorn did not start"
-            time.sleep(0.1)
-        yield port, model
-        server.should_exit = True
-        thread.join(timeout=20)
+        with served_in_thread(scoring_app(model, 100_000)) as port:
+            yield port, model
 
 
 def _post(port: int, payload: dict) -> tuple[int, dict]:
