@@ -4,9 +4,10 @@ Every model goes through `load_model`: downloaded, checked (`tuning.pyfunc.verif
 no pickle, our own code file) and built from the installed hpn-tune, so nothing the model
 directory holds is unpickled or executed. `serve` runs MLflow's scoring server app (the
 endpoints and request formats of `mlflow models serve`) in this process on that model, behind
-a request-body cap and a check that every text is a non-empty string, plus POST /predict: the
-same JSON bodies and answers as /invocations, answered by the model without MLflow's DataFrame
-round trip (the low-latency route). The UI is MLflow's own.
+a request-body cap and a check that every text is a string with a non-space character, plus
+POST /predict: every body /invocations takes, the same answer, the common JSON shapes answered
+by the model without MLflow's DataFrame round trip (the low-latency route). The UI is MLflow's
+own.
 """
 from __future__ import annotations
 
@@ -301,8 +302,8 @@ def _media_type(scope: dict) -> tuple[bytes, list[bytes]]:
 class RequestGuard:
     """ASGI middleware in front of MLflow's scoring app: a body over `max_bytes` is answered
     413 (a declared Content-Length at once, unread; a chunked one as soon as it passes the
-    cap), and a JSON /invocations or /predict whose texts are not all non-empty strings 400,
-    naming the row. The body is read here once and replayed to the app (which reads it whole
+    cap), and a JSON /invocations or /predict with a text that is not a string with a
+    non-space character 400, naming the row. The body is read here once and replayed to the app (which reads it whole
     anyway); a JSON body it parsed is left in the scope (PAYLOAD_KEY) for PredictRoute."""
 
     def __init__(self, app: Any, max_bytes: int) -> None:
@@ -508,7 +509,7 @@ def serve(model_uri: str, port: int, tracking_uri: str | None, host: str = "127.
     try:
         app = scoring_app(load_model(model_uri, tracking_uri), int(max_body_mb * 1_000_000))
         print(f"serving {model_uri} at http://{host}:{port}/invocations (MLflow's scoring "
-              f"protocol) and /predict (the same JSON bodies, lower latency); request bodies "
+              f"protocol) and /predict (the same bodies and answers, lower latency); request bodies "
               f"up to {max_body_mb:g} MB", flush=True)
         uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
     finally:
